@@ -1,0 +1,720 @@
+/* test.c - gradient checks and unit tests for stochca.h and train.c.
+
+   The header is built in double precision here (STOCHCA_DOUBLE), so that
+   central finite differences agree with the analytic gradients to about
+   1e-9 relative error. The tolerance below is far tighter than the error
+   that any single wrong term in a backward pass produces.
+
+   Test names start with the equation of PAPER_NOTES.md that they check.
+   The program prints one line per check with its worst error, then
+   "N passed, M failed", and exits non-zero if any check failed. */
+#define STOCHCA_DOUBLE
+#define STOCHCA_IMPLEMENTATION
+#include "stochca.h"
+#define STOCHCA_TRAIN_NO_MAIN
+#include "train.c"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FD_STEP 1e-6      /* central-difference step */
+#define GRAD_RTOL 1e-6    /* relative tolerance of a gradient check */
+#define GRAD_ATOL 1e-9    /* absolute tolerance, for gradients near zero */
+
+static int tests_passed, tests_failed;
+
+static void report(const char *name, int ok, const char *detail)
+{
+    printf("%-48s %s  %s\n", name, ok ? "ok  " : "FAIL", detail);
+    if (ok)
+        tests_passed++;
+    else
+        tests_failed++;
+}
+
+/* Compares analytic with numeric gradients elementwise:
+   |a - n| <= GRAD_ATOL + GRAD_RTOL * max(|a|, |n|). */
+static void check_gradient(const char *name, const double *analytic, const double *numeric, size_t n)
+{
+    double worst = 0, worst_ratio = 0, max_abs = 0;
+    size_t i;
+    char detail[128];
+    for (i = 0; i < n; i++) {
+        double diff = fabs(analytic[i] - numeric[i]);
+        double scale = fmax(fabs(analytic[i]), fabs(numeric[i]));
+        double ratio = diff / (GRAD_ATOL + GRAD_RTOL * scale);
+        if (ratio > worst_ratio || isnan(diff)) {
+            worst_ratio = isnan(diff) ? INFINITY : ratio;
+            worst = diff;
+        }
+        if (scale > max_abs)
+            max_abs = scale;
+    }
+    snprintf(detail, sizeof detail, "max |error| %.2e over %zu values, max |grad| %.2e", worst, n, max_abs);
+    /* A gradient that is zero everywhere would pass trivially, so it fails. */
+    report(name, worst_ratio <= 1.0 && max_abs > 0, detail);
+}
+
+static void check_true(const char *name, int condition, const char *detail)
+{
+    report(name, condition, detail);
+}
+
+static void fill_random(double *x, size_t n, double low, double high, stochca_rng *rng)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        x[i] = low + (high - low) * stochca_rng_uniform(rng);
+}
+
+static double *new_array(size_t n)
+{
+    double *x = (double *)calloc(n ? n : 1, sizeof(double));
+    if (!x) {
+        fprintf(stderr, "test: out of memory\n");
+        exit(2);
+    }
+    return x;
+}
+
+/* ---------------------------------------------------------------------------
+   Finite differences: d loss / d x[i] for a loss that reads x. */
+
+typedef double (*loss_fn)(void *ctx);
+
+static void numeric_gradient(loss_fn loss, void *ctx, double *x, size_t n, double *grad)
+{
+    size_t i;
+    for (i = 0; i < n; i++) {
+        const double saved = x[i];
+        double plus, minus;
+        x[i] = saved + FD_STEP;
+        plus = loss(ctx);
+        x[i] = saved - FD_STEP;
+        minus = loss(ctx);
+        x[i] = saved;
+        grad[i] = (plus - minus) / (2 * FD_STEP);
+    }
+}
+
+/* Runs one gradient check of `param` (n values) against its analytic gradient. */
+static void check_param(const char *name, loss_fn loss, void *ctx, double *param, const double *analytic,
+                        size_t n)
+{
+    double *numeric = new_array(n);
+    numeric_gradient(loss, ctx, param, n, numeric);
+    check_gradient(name, analytic, numeric, n);
+    free(numeric);
+}
+
+static double weighted_sum(const double *x, const double *weights, size_t n)
+{
+    double s = 0;
+    size_t i;
+    for (i = 0; i < n; i++)
+        s += x[i] * weights[i];
+    return s;
+}
+
+/* ---------------------------------------------------------------------------
+   Kernel gradient checks. Each uses the loss sum(out * R) with random R,
+   so dout = R and every output element matters. */
+
+enum { KB = 2, KT = 5, KD = 8, KH = 2, KM = 12, KK = 4 };
+
+typedef struct {
+    double *inp, *w, *b, *out, *r, *scratch;
+    int R, I, O;
+} linear_case;
+
+static double linear_loss(void *ctx)
+{
+    linear_case *c = (linear_case *)ctx;
+    stochca_linear_forward(c->out, c->inp, c->w, c->b, c->scratch, c->R, c->I, c->O);
+    return weighted_sum(c->out, c->r, (size_t)c->R * c->O);
+}
+
+static void test_linear(stochca_rng *rng)
+{
+    linear_case c;
+    double *dinp, *dw, *db;
+    c.R = 7; c.I = 5; c.O = 6;
+    c.inp = new_array(35); c.w = new_array(30); c.b = new_array(6);
+    c.out = new_array(42); c.r = new_array(42); c.scratch = new_array(30);
+    dinp = new_array(35); dw = new_array(30); db = new_array(6);
+    fill_random(c.inp, 35, -1, 1, rng);
+    fill_random(c.w, 30, -1, 1, rng);
+    fill_random(c.b, 6, -1, 1, rng);
+    fill_random(c.r, 42, -1, 1, rng);
+
+    stochca_linear_backward(dinp, dw, db, c.r, c.inp, c.w, c.R, c.I, c.O);
+    check_param("eq1,4,6 linear: d input", linear_loss, &c, c.inp, dinp, 35);
+    check_param("eq1,4,6 linear: d weight", linear_loss, &c, c.w, dw, 30);
+    check_param("eq1,4,6 linear: d bias", linear_loss, &c, c.b, db, 6);
+    free(c.inp); free(c.w); free(c.b); free(c.out); free(c.r); free(c.scratch);
+    free(dinp); free(dw); free(db);
+}
+
+typedef struct {
+    double *patch_emb, *cls, *pos, *z, *r;
+} embed_case;
+
+static double embed_loss(void *ctx)
+{
+    embed_case *c = (embed_case *)ctx;
+    stochca_embed_forward(c->z, c->patch_emb, c->cls, c->pos, KB, KT, KD);
+    return weighted_sum(c->z, c->r, KB * KT * KD);
+}
+
+static void test_embed(stochca_rng *rng)
+{
+    embed_case c;
+    double *dpatch = new_array(KB * (KT - 1) * KD), *dcls = new_array(KD), *dpos = new_array(KT * KD);
+    c.patch_emb = new_array(KB * (KT - 1) * KD); c.cls = new_array(KD); c.pos = new_array(KT * KD);
+    c.z = new_array(KB * KT * KD); c.r = new_array(KB * KT * KD);
+    fill_random(c.patch_emb, KB * (KT - 1) * KD, -1, 1, rng);
+    fill_random(c.cls, KD, -1, 1, rng);
+    fill_random(c.pos, KT * KD, -1, 1, rng);
+    fill_random(c.r, KB * KT * KD, -1, 1, rng);
+
+    stochca_embed_backward(dpatch, dcls, dpos, c.r, KB, KT, KD);
+    check_param("eq2 embedding: d patch embeddings", embed_loss, &c, c.patch_emb, dpatch, KB * (KT - 1) * KD);
+    check_param("eq2 embedding: d class token", embed_loss, &c, c.cls, dcls, KD);
+    check_param("eq2 embedding: d position embedding", embed_loss, &c, c.pos, dpos, KT * KD);
+    free(c.patch_emb); free(c.cls); free(c.pos); free(c.z); free(c.r);
+    free(dpatch); free(dcls); free(dpos);
+}
+
+typedef struct {
+    double *inp, *w, *b, *out, *mean, *rstd, *r;
+    int stride, rows;
+} layernorm_case;
+
+static double layernorm_loss(void *ctx)
+{
+    layernorm_case *c = (layernorm_case *)ctx;
+    stochca_layernorm_forward(c->out, c->mean, c->rstd, c->inp, c->stride, c->w, c->b, c->rows, KD);
+    return weighted_sum(c->out, c->r, (size_t)c->rows * KD);
+}
+
+/* stride KD: dense rows (eq3); stride KT*KD: class-token rows only (eq8). */
+static void test_layernorm_case(const char *prefix, int stride, int rows, stochca_rng *rng)
+{
+    layernorm_case c;
+    const size_t n_inp = (size_t)rows * stride;
+    double *dinp = new_array(n_inp), *dw = new_array(KD), *db = new_array(KD);
+    char name[96];
+    c.stride = stride; c.rows = rows;
+    c.inp = new_array(n_inp); c.w = new_array(KD); c.b = new_array(KD);
+    c.out = new_array((size_t)rows * KD); c.r = new_array((size_t)rows * KD);
+    c.mean = new_array(rows); c.rstd = new_array(rows);
+    fill_random(c.inp, n_inp, -2, 2, rng);
+    fill_random(c.w, KD, 0.5, 1.5, rng);
+    fill_random(c.b, KD, -1, 1, rng);
+    fill_random(c.r, (size_t)rows * KD, -1, 1, rng);
+
+    layernorm_loss(&c);
+    stochca_layernorm_backward(dinp, dw, db, c.r, c.inp, stride, c.w, c.mean, c.rstd, rows, KD);
+    snprintf(name, sizeof name, "%s: d input", prefix);
+    check_param(name, layernorm_loss, &c, c.inp, dinp, n_inp);
+    snprintf(name, sizeof name, "%s: d weight", prefix);
+    check_param(name, layernorm_loss, &c, c.w, dw, KD);
+    snprintf(name, sizeof name, "%s: d bias", prefix);
+    check_param(name, layernorm_loss, &c, c.b, db, KD);
+    free(c.inp); free(c.w); free(c.b); free(c.out); free(c.r); free(c.mean); free(c.rstd);
+    free(dinp); free(dw); free(db);
+}
+
+static void test_layernorm(stochca_rng *rng)
+{
+    test_layernorm_case("eq3 LayerNorm", KD, KB * KT, rng);
+    test_layernorm_case("eq8 final LayerNorm of class tokens", KT * KD, KB, rng);
+}
+
+/* Attention with queries in a packed (B,T,3D) buffer and keys/values either
+   from the same buffer (self) or from a separate (B,T,2D) buffer (cross). */
+typedef struct {
+    double *q, *k, *v, *out, *probs, *r;
+    int q_stride, kv_stride;
+} attention_case;
+
+static double attention_loss(void *ctx)
+{
+    attention_case *c = (attention_case *)ctx;
+    stochca_attention_forward(c->out, c->probs, c->q, c->q_stride, c->k, c->v, c->kv_stride, KB, KT, KD, KH);
+    return weighted_sum(c->out, c->r, KB * KT * KD);
+}
+
+static void test_attention(stochca_rng *rng)
+{
+    const size_t n_qkv = KB * KT * 3 * KD, n_kv0 = KB * KT * 2 * KD, n_out = KB * KT * KD;
+    double *qkv = new_array(n_qkv), *kv0 = new_array(n_kv0), *dqkv = new_array(n_qkv);
+    double *dkv0 = new_array(n_kv0), *dprobs = new_array(KB * KH * KT * KT);
+    attention_case c;
+    c.out = new_array(n_out); c.r = new_array(n_out); c.probs = new_array(KB * KH * KT * KT);
+    fill_random(qkv, n_qkv, -1.5, 1.5, rng);
+    fill_random(kv0, n_kv0, -1.5, 1.5, rng);
+    fill_random(c.r, n_out, -1, 1, rng);
+
+    /* Self-attention: q, k, v interleaved in one (B,T,3D) buffer. */
+    c.q = qkv; c.k = qkv + KD; c.v = qkv + 2 * KD; c.q_stride = 3 * KD; c.kv_stride = 3 * KD;
+    attention_loss(&c);
+    stochca_attention_backward(dqkv, dqkv + KD, dqkv + 2 * KD, dprobs, c.r, c.probs, c.q, c.q_stride,
+                               c.k, c.v, c.kv_stride, KB, KT, KD, KH);
+    check_param("eq5 self-attention: d q, k, v", attention_loss, &c, qkv, dqkv, n_qkv);
+
+    /* Cross-attention: queries from qkv, keys and values from kv0 (eq10). */
+    memset(dqkv, 0, n_qkv * sizeof(double));
+    c.k = kv0; c.v = kv0 + KD; c.kv_stride = 2 * KD;
+    attention_loss(&c);
+    stochca_attention_backward(dqkv, dkv0, dkv0 + KD, dprobs, c.r, c.probs, c.q, c.q_stride,
+                               c.k, c.v, c.kv_stride, KB, KT, KD, KH);
+    check_param("eq10 cross-attention: d queries", attention_loss, &c, qkv, dqkv, n_qkv / 3 * 3);
+    check_param("eq10 cross-attention: d pretrained k, v", attention_loss, &c, kv0, dkv0, n_kv0);
+    free(qkv); free(kv0); free(dqkv); free(dkv0); free(dprobs); free(c.out); free(c.r); free(c.probs);
+}
+
+typedef struct {
+    double *inp, *out, *r;
+    size_t n;
+} gelu_case;
+
+static double gelu_loss(void *ctx)
+{
+    gelu_case *c = (gelu_case *)ctx;
+    stochca_gelu_forward(c->out, c->inp, c->n);
+    return weighted_sum(c->out, c->r, c->n);
+}
+
+static void test_gelu(stochca_rng *rng)
+{
+    gelu_case c;
+    double *dinp = new_array(40);
+    c.n = 40;
+    c.inp = new_array(40); c.out = new_array(40); c.r = new_array(40);
+    fill_random(c.inp, 40, -4, 4, rng);
+    fill_random(c.r, 40, -1, 1, rng);
+    stochca_gelu_backward(dinp, c.inp, c.r, c.n);
+    check_param("eq7 GELU: d input", gelu_loss, &c, c.inp, dinp, c.n);
+
+    /* GELU(x) = x Phi(x): GELU(1) = Phi(1) = 0.8413447460685429. */
+    c.inp[0] = 1.0;
+    stochca_gelu_forward(c.out, c.inp, 1);
+    check_true("eq7 GELU: exact erf form at x = 1", fabs(c.out[0] - 0.8413447460685429) < 1e-15,
+               "GELU(1) = Phi(1)");
+    free(c.inp); free(c.out); free(c.r); free(dinp);
+}
+
+typedef struct {
+    double *a, *b, *out, *r;
+} residual_case;
+
+static double residual_loss(void *ctx)
+{
+    residual_case *c = (residual_case *)ctx;
+    stochca_residual_forward(c->out, c->a, c->b, 20);
+    return weighted_sum(c->out, c->r, 20);
+}
+
+static void test_residual(stochca_rng *rng)
+{
+    residual_case c;
+    double *da = new_array(20), *db = new_array(20);
+    c.a = new_array(20); c.b = new_array(20); c.out = new_array(20); c.r = new_array(20);
+    fill_random(c.a, 20, -1, 1, rng);
+    fill_random(c.b, 20, -1, 1, rng);
+    fill_random(c.r, 20, -1, 1, rng);
+    stochca_residual_backward(da, db, c.r, 20);
+    check_param("eq6 residual: d first input", residual_loss, &c, c.a, da, 20);
+    check_param("eq6 residual: d second input", residual_loss, &c, c.b, db, 20);
+    free(c.a); free(c.b); free(c.out); free(c.r); free(da); free(db);
+}
+
+typedef struct {
+    double *logits, *probs, *losses;
+    int labels[KB * 3];
+} crossentropy_case;
+
+static double crossentropy_loss(void *ctx)
+{
+    crossentropy_case *c = (crossentropy_case *)ctx;
+    return stochca_crossentropy_forward(c->losses, c->probs, c->logits, c->labels, KB * 3, KK);
+}
+
+static void test_crossentropy(stochca_rng *rng)
+{
+    crossentropy_case c;
+    double *dlogits = new_array(KB * 3 * KK), expected;
+    int i;
+    c.logits = new_array(KB * 3 * KK); c.probs = new_array(KB * 3 * KK); c.losses = new_array(KB * 3);
+    fill_random(c.logits, KB * 3 * KK, -3, 3, rng);
+    for (i = 0; i < KB * 3; i++)
+        c.labels[i] = i % KK;
+    crossentropy_loss(&c);
+    stochca_crossentropy_backward(dlogits, c.probs, c.labels, KB * 3, KK);
+    check_param("eq9 softmax cross-entropy: d logits", crossentropy_loss, &c, c.logits, dlogits, KB * 3 * KK);
+
+    /* Logits (0, ln 3) with label 1: softmax = (1/4, 3/4), loss = ln(4/3). */
+    c.logits[0] = 0; c.logits[1] = log(3.0); c.labels[0] = 1;
+    expected = log(4.0 / 3.0);
+    check_true("eq9 softmax cross-entropy: value by hand",
+               fabs(stochca_crossentropy_forward(c.losses, c.probs, c.logits, c.labels, 1, 2) - expected) < 1e-15,
+               "loss of logits (0, ln 3), label 1 is ln(4/3)");
+    free(c.logits); free(c.probs); free(c.losses); free(dlogits);
+}
+
+/* ---------------------------------------------------------------------------
+   Whole-model checks on a tiny ViT: S 8, C 2, P 4 (N 4, T 5), D 8, L 3,
+   H 2, M 12, K 3, B 2. Every parameter is random, including the LayerNorm
+   weights and the head, so no gradient term is hidden by a 0 or a 1. */
+
+enum { MB = 2 };
+
+static stochca_config tiny_config(void)
+{
+    stochca_config c;
+    c.image_size = 8; c.channels = 2; c.patch_size = 4; c.dim = 8;
+    c.depth = 3; c.heads = 2; c.mlp_dim = 12; c.classes = 3;
+    return c;
+}
+
+static void init_tiny_model(stochca_model *m, int training, stochca_rng *rng)
+{
+    stochca_config c = tiny_config();
+    stochca_error err;
+    if (stochca_model_init(m, &c, &err) != STOCHCA_OK || stochca_model_reserve(m, MB, training, &err) != STOCHCA_OK) {
+        fprintf(stderr, "test: %s\n", err.message);
+        exit(2);
+    }
+    fill_random(m->param_memory, m->num_params, -0.5, 0.5, rng);
+}
+
+typedef struct {
+    stochca_model *target;
+    stochca_model *pretrained;
+    const double *images;
+    const int *labels;
+    const unsigned char *cross;
+    stochca_kv kv;
+} model_case;
+
+static double model_loss(void *ctx)
+{
+    model_case *c = (model_case *)ctx;
+    stochca_error err;
+    if (stochca_forward(c->target, c->images, c->labels, MB, c->cross, &c->kv, &err) != STOCHCA_OK) {
+        fprintf(stderr, "test: %s\n", err.message);
+        exit(2);
+    }
+    return c->target->loss;
+}
+
+/* Checks d loss / d theta for every parameter tensor, one check per tensor kind. */
+static void check_model_gradients(const char *prefix, model_case *c)
+{
+    stochca_model *m = c->target;
+    stochca_error err;
+    double *numeric = new_array(m->num_params);
+    int i, l, n = stochca_num_tensors(&m->config), all_cross = c->cross != NULL;
+
+    for (l = 0; l < m->config.depth; l++)
+        all_cross &= c->cross && c->cross[l];
+
+    model_loss(c);
+    stochca_zero_grad(m);
+    if (stochca_backward(m, &err) != STOCHCA_OK) {
+        fprintf(stderr, "test: %s\n", err.message);
+        exit(2);
+    }
+    numeric_gradient(model_loss, c, m->param_memory, m->num_params, numeric);
+    for (i = 0; i < n; i++) {
+        stochca_tensor_info info;
+        char name[160];
+        stochca_tensor_info_at(&m->config, i, &info);
+        snprintf(name, sizeof name, "%s: %s", prefix, info.name);
+        if (strncmp(info.name, "conv_proj", 9) == 0 && all_cross) {
+            /* With every block in cross-attention, patch tokens never reach
+               the class token: their keys and values are replaced by K0, V0. */
+            size_t k, nonzero = 0;
+            for (k = 0; k < info.numel; k++)
+                nonzero += m->grad_memory[info.offset + k] != 0 || fabs(numeric[info.offset + k]) > 1e-12;
+            check_true(name, nonzero == 0, "zero gradient, as patch tokens cannot reach the class token");
+        } else if (strstr(info.name, "in_proj") && c->cross && c->cross[(i - 4) / 12]) {
+            /* Only the query rows of a cross-attention block's in_proj get gradient. */
+            size_t rows = strstr(info.name, "weight") ? (size_t)m->config.dim * m->config.dim : (size_t)m->config.dim;
+            check_gradient(name, m->grad_memory + info.offset, numeric + info.offset, rows);
+        } else {
+            check_gradient(name, m->grad_memory + info.offset, numeric + info.offset, info.numel);
+        }
+    }
+    free(numeric);
+}
+
+/* Returns the largest |gradient| of the K and V rows of block l's in_proj. */
+static double kv_rows_max_grad(const stochca_model *m, int l)
+{
+    const size_t d = (size_t)m->config.dim;
+    double worst = 0;
+    size_t i;
+    for (i = d * d; i < 3 * d * d; i++)
+        worst = fmax(worst, fabs(m->grads.block[l].qkv_w[i]));
+    for (i = d; i < 3 * d; i++)
+        worst = fmax(worst, fabs(m->grads.block[l].qkv_b[i]));
+    return worst;
+}
+
+static void test_model_gradients(stochca_rng *rng)
+{
+    stochca_model target, pretrained;
+    stochca_config c = tiny_config();
+    double images[MB * 2 * 8 * 8];
+    int labels[MB] = {2, 0};
+    const unsigned char all_self[3] = {0, 0, 0}, all_cross[3] = {1, 1, 1}, mixed[3] = {1, 0, 1};
+    model_case mc;
+    stochca_error err;
+    char detail[96];
+
+    init_tiny_model(&target, 1, rng);
+    init_tiny_model(&pretrained, 0, rng);
+    fill_random(images, MB * 2 * 8 * 8, -1, 1, rng);
+    mc.target = &target; mc.pretrained = &pretrained; mc.images = images; mc.labels = labels;
+    if (stochca_pretrained_kv(&pretrained, images, MB, &mc.kv, &err) != STOCHCA_OK) {
+        fprintf(stderr, "test: %s\n", err.message);
+        exit(2);
+    }
+
+    mc.cross = all_self;
+    check_model_gradients("eq1-9 model, all self-attention", &mc);
+    mc.cross = all_cross;
+    check_model_gradients("eq10 model, all cross-attention", &mc);
+    mc.cross = mixed;
+    check_model_gradients("eq10 model, mixed flags 1 0 1", &mc);
+
+    /* After the mixed backward: K, V rows are exactly zero in blocks 0 and 2
+       and nonzero in block 1, where the block used its own keys and values. */
+    snprintf(detail, sizeof detail, "max |grad| %.1e %.1e, self block %.1e",
+             kv_rows_max_grad(&target, 0), kv_rows_max_grad(&target, 2), kv_rows_max_grad(&target, 1));
+    check_true("eq10 cross block: K, V rows get zero gradient",
+               kv_rows_max_grad(&target, 0) == 0 && kv_rows_max_grad(&target, 2) == 0 &&
+                   kv_rows_max_grad(&target, 1) > 0,
+               detail);
+    (void)c;
+    stochca_model_free(&target);
+    stochca_model_free(&pretrained);
+}
+
+/* ---------------------------------------------------------------------------
+   StochCA properties */
+
+static int same_bits(const double *a, const double *b, size_t n)
+{
+    return memcmp(a, b, n * sizeof(double)) == 0;
+}
+
+static void test_stochca_properties(stochca_rng *rng)
+{
+    stochca_model target, pretrained, other;
+    double images[MB * 2 * 8 * 8], *plain_logits = new_array(MB * 3), *saved = NULL;
+    int labels[MB] = {1, 2}, step;
+    const unsigned char zeros[3] = {0, 0, 0}, mixed[3] = {0, 1, 1};
+    stochca_kv kv;
+    stochca_adamw opt = stochca_adamw_default();
+    stochca_error err;
+
+    init_tiny_model(&target, 1, rng);
+    init_tiny_model(&pretrained, 0, rng);
+    init_tiny_model(&other, 0, rng);
+    fill_random(images, MB * 2 * 8 * 8, -1, 1, rng);
+
+    /* All flags 0 is the plain ViT, bit for bit, whatever kv holds. */
+    stochca_forward(&target, images, labels, MB, NULL, NULL, &err);
+    memcpy(plain_logits, target.acts.logits, MB * 3 * sizeof(double));
+    stochca_pretrained_kv(&pretrained, images, MB, &kv, &err);
+    stochca_forward(&target, images, labels, MB, zeros, &kv, &err);
+    check_true("eq10 flags all 0: plain ViT bit for bit", same_bits(plain_logits, target.acts.logits, MB * 3),
+               "logits equal those of a forward without pretrained model");
+
+    /* The pretrained model's parameters never change during training. */
+    saved = new_array(pretrained.num_params);
+    memcpy(saved, pretrained.param_memory, pretrained.num_params * sizeof(double));
+    for (step = 0; step < 3; step++) {
+        stochca_pretrained_kv(&pretrained, images, MB, &kv, &err);
+        stochca_forward(&target, images, labels, MB, mixed, &kv, &err);
+        stochca_zero_grad(&target);
+        stochca_backward(&target, &err);
+        stochca_adamw_update(&target, &opt);
+    }
+    check_true("eq10 pretrained model stays frozen", same_bits(saved, pretrained.param_memory, pretrained.num_params),
+               "pretrained parameters unchanged after 3 StochCA steps");
+
+    /* Evaluation (cross == NULL) ignores the pretrained model and the flags:
+       run cross-attention with two different pretrained models in between. */
+    stochca_forward(&target, images, NULL, MB, NULL, NULL, &err);
+    memcpy(plain_logits, target.acts.logits, MB * 3 * sizeof(double));
+    stochca_pretrained_kv(&other, images, MB, &kv, &err);
+    stochca_forward(&target, images, labels, MB, mixed, &kv, &err);
+    stochca_forward(&target, images, NULL, MB, NULL, NULL, &err);
+    check_true("eq10 evaluation ignores pretrained model", same_bits(plain_logits, target.acts.logits, MB * 3),
+               "evaluation logits equal before and after cross-attention forwards");
+
+    /* A cross-attention forward really differs from self-attention. */
+    stochca_forward(&target, images, labels, MB, mixed, &kv, &err);
+    check_true("eq10 cross-attention changes the output", !same_bits(plain_logits, target.acts.logits, MB * 3),
+               "logits with flags 0 1 1 differ from self-attention");
+
+    /* Cross-attention without keys and values is rejected. */
+    check_true("eq10 cross flags without kv rejected",
+               stochca_forward(&target, images, labels, MB, mixed, NULL, &err) == STOCHCA_ERR_ARGUMENT &&
+                   strstr(err.message, "stochca_pretrained_kv") != NULL,
+               err.message);
+
+    free(plain_logits);
+    free(saved);
+    stochca_model_free(&target);
+    stochca_model_free(&pretrained);
+    stochca_model_free(&other);
+}
+
+static void test_bernoulli_draws(void)
+{
+    stochca_rng rng;
+    unsigned char cross[STOCHCA_MAX_DEPTH];
+    long ones = 0, draws = 0;
+    int step, l, all_zero = 1, all_one = 1;
+    char detail[96];
+    stochca_rng_seed(&rng, 7);
+    for (step = 0; step < 2000; step++) {
+        stochca_draw_cross(&rng, 0.3f, 10, cross);
+        for (l = 0; l < 10; l++)
+            ones += cross[l];
+        draws += 10;
+    }
+    snprintf(detail, sizeof detail, "frequency %.4f over %ld draws, expected 0.3", (double)ones / draws, draws);
+    /* The standard deviation of the frequency is sqrt(0.21 / 20000) = 0.0032. */
+    check_true("eq11 Bernoulli(p) draws: frequency", fabs((double)ones / draws - 0.3) < 0.015, detail);
+    for (step = 0; step < 100; step++) {
+        stochca_draw_cross(&rng, 0.0f, 10, cross);
+        for (l = 0; l < 10; l++)
+            all_zero &= cross[l] == 0;
+        stochca_draw_cross(&rng, 1.0f, 10, cross);
+        for (l = 0; l < 10; l++)
+            all_one &= cross[l] == 1;
+    }
+    check_true("eq11 Bernoulli(p) draws: p = 0 and p = 1", all_zero && all_one,
+               "p = 0 never draws 1, p = 1 always draws 1");
+}
+
+/* ---------------------------------------------------------------------------
+   AdamW and the learning-rate schedule */
+
+static void test_adamw(stochca_rng *rng)
+{
+    stochca_model m;
+    stochca_adamw opt = stochca_adamw_default();
+    size_t head = 0;
+    double backbone_expected, head_expected, backbone_no_decay;
+    char detail[160];
+
+    init_tiny_model(&m, 1, rng);
+    head = (size_t)(m.params.head_w - m.param_memory);
+    m.param_memory[0] = 0.5;
+    m.grad_memory[0] = 0.2;
+    m.param_memory[head] = -0.25;
+    m.grad_memory[head] = -0.1;
+    opt.lr = 0.1f;
+    opt.weight_decay = 0.01f;
+    opt.head_lr_scale = 10.0f;
+    stochca_adamw_update(&m, &opt);
+
+    /* Step 1 by hand, theta 0.5, g 0.2, lr 0.1, wd 0.01, betas (0.9, 0.999):
+       decay 0.5 - 0.1 * 0.01 * 0.5 = 0.4995; m = 0.02, v = 4e-5;
+       m_hat = 0.2, v_hat = 0.04; update 0.1 * 0.2 / (0.2 + 1e-8). */
+    backbone_expected = 0.4995 - 0.1 * 0.2 / (0.2 + 1e-8);
+    /* Head: lr 0.1 * 10 = 1, theta -0.25 decays to -0.2475, then moves by
+       -1 * (-0.1) / (0.1 + 1e-8). */
+    head_expected = -0.2475 + 0.1 / (0.1 + 1e-8);
+    snprintf(detail, sizeof detail, "backbone %.12f (expected %.12f), head %.12f (expected %.12f)",
+             m.param_memory[0], backbone_expected, m.param_memory[head], head_expected);
+    check_true("eq12 AdamW step 1 by hand",
+               fabs(m.param_memory[0] - backbone_expected) < 1e-7 && fabs(m.param_memory[head] - head_expected) < 1e-6,
+               detail);
+
+    /* With decay_head_only (L2-SP), the backbone is not decayed. */
+    m.adam_step = 0;
+    memset(m.adam_memory, 0, 2 * m.num_params * sizeof(double));
+    m.param_memory[0] = 0.5;
+    opt.decay_head_only = 1;
+    stochca_adamw_update(&m, &opt);
+    backbone_no_decay = 0.5 - 0.1 * 0.2 / (0.2 + 1e-8);
+    snprintf(detail, sizeof detail, "backbone %.12f, expected %.12f", m.param_memory[0], backbone_no_decay);
+    check_true("eq12 AdamW without backbone decay", fabs(m.param_memory[0] - backbone_no_decay) < 1e-7, detail);
+    stochca_model_free(&m);
+}
+
+static void test_schedule(void)
+{
+    const float base = 1e-3f;
+    const long warmup = 100, total = 1000;
+    float first = stochca_cosine_lr(base, 0, warmup, total);
+    float peak = stochca_cosine_lr(base, warmup - 1, warmup, total);
+    float after = stochca_cosine_lr(base, warmup, warmup, total);
+    float last = stochca_cosine_lr(base, total - 1, warmup, total);
+    float middle = stochca_cosine_lr(base, warmup + (total - warmup) / 2, warmup, total);
+    double last_expected = 0.5 * base * (1 + cos(3.14159265358979323846 * 899.0 / 900.0));
+    char detail[160];
+    snprintf(detail, sizeof detail, "t=0 %.3e, t=99 %.3e, t=100 %.3e, middle %.3e, last %.3e",
+             first, peak, after, middle, last);
+    check_true("eq13 warm-up start is base / warmup", fabs(first - base / warmup) < 1e-10, detail);
+    check_true("eq13 warm-up end reaches base", fabs(peak - base) < 1e-10 && fabs(after - base) < 1e-10, detail);
+    check_true("eq13 cosine middle is base / 2", fabs(middle - base / 2) < 1e-9, detail);
+    check_true("eq13 last step near zero", fabs(last - last_expected) < 1e-10 && last > 0, detail);
+}
+
+static void test_l2sp(stochca_rng *rng)
+{
+    stochca_model m, pre;
+    const float alpha = 0.01f;
+    double penalty, expected = 0;
+    size_t i, backbone;
+    char detail[128];
+    init_tiny_model(&m, 1, rng);
+    init_tiny_model(&pre, 0, rng);
+    backbone = (size_t)(m.params.head_w - m.param_memory);
+    for (i = 0; i < backbone; i++)
+        expected += 0.5 * alpha * (m.param_memory[i] - pre.param_memory[i]) * (m.param_memory[i] - pre.param_memory[i]);
+    stochca_zero_grad(&m);
+    penalty = stochca_l2sp(&m, &pre, alpha);
+    snprintf(detail, sizeof detail, "penalty %.9f, expected %.9f", penalty, expected);
+    check_true("eq14 L2-SP penalty value", fabs(penalty - expected) < 1e-9 * fmax(1, expected), detail);
+    check_true("eq14 L2-SP gradient, head untouched",
+               fabs(m.grad_memory[3] - alpha * (m.param_memory[3] - pre.param_memory[3])) < 1e-12 &&
+                   m.grad_memory[backbone] == 0 && m.grad_memory[m.num_params - 1] == 0,
+               "backbone gradient alpha * (theta - theta0); head gradient 0");
+    stochca_model_free(&m);
+    stochca_model_free(&pre);
+}
+
+int main(void)
+{
+    stochca_rng rng;
+    stochca_rng_seed(&rng, 42);
+
+    test_linear(&rng);
+    test_embed(&rng);
+    test_layernorm(&rng);
+    test_attention(&rng);
+    test_gelu(&rng);
+    test_residual(&rng);
+    test_crossentropy(&rng);
+    test_model_gradients(&rng);
+    test_stochca_properties(&rng);
+    test_bernoulli_draws();
+    test_adamw(&rng);
+    test_schedule();
+    test_l2sp(&rng);
+
+    printf("%d passed, %d failed\n", tests_passed, tests_failed);
+    return tests_failed ? 1 : 0;
+}

@@ -1,0 +1,822 @@
+/* train.c - the driver: reads IDX data, pretrains a ViT on Fashion-MNIST,
+   fine-tunes it on MNIST with plain fine-tuning or StochCA, and runs the
+   main job. Run `./train --help` for the commands and flags. */
+#ifndef STOCHCA_IMPLEMENTATION
+#define STOCHCA_IMPLEMENTATION
+#endif
+#include "stochca.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define DATA_CLASSES 10
+#define IDX_IMAGES_MAGIC 0x00000803u
+#define IDX_LABELS_MAGIC 0x00000801u
+#define PIXEL_MEAN 0.5f   /* inputs are mapped from [0, 255] to [-1, 1] */
+#define PIXEL_STD 0.5f
+
+/* ---------------------------------------------------------------------------
+   IDX files (the MNIST format): big-endian header, then unsigned bytes. */
+
+typedef struct {
+    int count;              /* number of images */
+    int rows, cols;
+    unsigned char *pixels;  /* (count, rows, cols) */
+    unsigned char *labels;  /* (count), each in [0, DATA_CLASSES) */
+} dataset;
+
+static uint32_t read_be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+/* Reads a whole file into memory. Returns NULL and writes a message on failure. */
+static unsigned char *read_file(const char *path, long *size, char *msg, size_t msg_size)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char *bytes;
+    if (!f) {
+        snprintf(msg, msg_size, "cannot open '%s': %s", path, strerror(errno));
+        return NULL;
+    }
+    if (fseek(f, 0, SEEK_END) != 0 || (*size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        snprintf(msg, msg_size, "cannot determine the size of '%s'", path);
+        fclose(f);
+        return NULL;
+    }
+    bytes = (unsigned char *)malloc(*size > 0 ? (size_t)*size : 1);
+    if (!bytes || fread(bytes, 1, (size_t)*size, f) != (size_t)*size) {
+        snprintf(msg, msg_size, bytes ? "reading '%s' failed" : "out of memory reading '%s'", path);
+        free(bytes);
+        fclose(f);
+        return NULL;
+    }
+    fclose(f);
+    return bytes;
+}
+
+/* Checks the IDX header of `bytes`: magic, dimensions and exact size.
+   Fills dims[0..ndim-1]. Returns 0 and writes a message on failure. */
+static int parse_idx_header(const unsigned char *bytes, long size, const char *path, uint32_t magic,
+                            int ndim, uint32_t *dims, char *msg, size_t msg_size)
+{
+    const long header = 4L + 4L * ndim;
+    long expected = header;
+    int k;
+    if (size >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b) {
+        snprintf(msg, msg_size, "'%s' is gzip-compressed; decompress it first (gunzip -k '%s')", path, path);
+        return 0;
+    }
+    if (size < header) {
+        snprintf(msg, msg_size, "'%s' is truncated: %ld bytes, shorter than its %ld-byte IDX header",
+                 path, size, header);
+        return 0;
+    }
+    if (read_be32(bytes) != magic) {
+        snprintf(msg, msg_size, "'%s' has IDX magic number 0x%08lx, expected 0x%08lx (%s)", path,
+                 (unsigned long)read_be32(bytes), (unsigned long)magic,
+                 magic == IDX_IMAGES_MAGIC ? "unsigned-byte images, 3 dimensions" : "unsigned-byte labels, 1 dimension");
+        return 0;
+    }
+    for (k = 0; k < ndim; k++) {
+        dims[k] = read_be32(bytes + 4 + 4 * k);
+        if (dims[k] == 0 || dims[k] > 100000000u) {
+            snprintf(msg, msg_size, "'%s' is corrupt: dimension %d is %lu", path, k, (unsigned long)dims[k]);
+            return 0;
+        }
+        if (expected > (1L << 40) / (long)dims[k]) {
+            snprintf(msg, msg_size, "'%s' is corrupt: its dimensions describe more than 1 TB", path);
+            return 0;
+        }
+        expected = k == 0 ? header + (long)dims[0] : header + (expected - header) * (long)dims[k];
+    }
+    if (size != expected) {
+        snprintf(msg, msg_size, "'%s' %s: %ld bytes, but its header describes %ld", path,
+                 size < expected ? "is truncated" : "has trailing data", size, expected);
+        return 0;
+    }
+    return 1;
+}
+
+static void free_dataset(dataset *d)
+{
+    free(d->pixels);
+    free(d->labels);
+    memset(d, 0, sizeof *d);
+}
+
+/* Loads an image file and a label file that must describe the same images,
+   each side image_size pixels, labels in [0, DATA_CLASSES). */
+static int load_dataset(dataset *d, const char *images_path, const char *labels_path, int image_size,
+                        char *msg, size_t msg_size)
+{
+    uint32_t image_dims[3], label_dims[1];
+    long image_bytes = 0, label_bytes = 0;
+    unsigned char *images, *labels = NULL;
+    int i, ok = 0;
+
+    memset(d, 0, sizeof *d);
+    images = read_file(images_path, &image_bytes, msg, msg_size);
+    if (!images)
+        return 0;
+    labels = read_file(labels_path, &label_bytes, msg, msg_size);
+    if (!labels)
+        goto done;
+    if (!parse_idx_header(images, image_bytes, images_path, IDX_IMAGES_MAGIC, 3, image_dims, msg, msg_size) ||
+        !parse_idx_header(labels, label_bytes, labels_path, IDX_LABELS_MAGIC, 1, label_dims, msg, msg_size))
+        goto done;
+    if (image_dims[1] != (uint32_t)image_size || image_dims[2] != (uint32_t)image_size) {
+        snprintf(msg, msg_size, "'%s' holds %lux%lu images, but the model expects %dx%d", images_path,
+                 (unsigned long)image_dims[1], (unsigned long)image_dims[2], image_size, image_size);
+        goto done;
+    }
+    if (image_dims[0] != label_dims[0]) {
+        snprintf(msg, msg_size, "'%s' holds %lu images but '%s' holds %lu labels; the counts must match",
+                 images_path, (unsigned long)image_dims[0], labels_path, (unsigned long)label_dims[0]);
+        goto done;
+    }
+    for (i = 0; i < (int)label_dims[0]; i++)
+        if (labels[8 + i] >= DATA_CLASSES) {
+            snprintf(msg, msg_size, "'%s': label %d of image %d is out of range, expected 0 to %d",
+                     labels_path, labels[8 + i], i, DATA_CLASSES - 1);
+            goto done;
+        }
+
+    d->count = (int)image_dims[0];
+    d->rows = d->cols = image_size;
+    d->pixels = (unsigned char *)malloc((size_t)d->count * image_size * image_size);
+    d->labels = (unsigned char *)malloc((size_t)d->count);
+    if (!d->pixels || !d->labels) {
+        snprintf(msg, msg_size, "out of memory for %d images of '%s'", d->count, images_path);
+        free_dataset(d);
+        goto done;
+    }
+    memcpy(d->pixels, images + 16, (size_t)d->count * image_size * image_size);
+    memcpy(d->labels, labels + 8, (size_t)d->count);
+    ok = 1;
+done:
+    free(images);
+    free(labels);
+    return ok;
+}
+
+/* ---------------------------------------------------------------------------
+   Subsets and batches */
+
+/* Picks round(ratio * n_c) images (at least 1) of every class c, chosen by
+   a seeded shuffle within the class, so the subset is stratified and fixed
+   per seed. Returns 0 on allocation failure. */
+static int make_subset(const dataset *src, double ratio, uint64_t seed, dataset *dst)
+{
+    const size_t image = (size_t)src->rows * src->cols;
+    int *members = (int *)malloc((size_t)src->count * sizeof(int));
+    int c, i, taken = 0;
+    stochca_rng rng;
+
+    memset(dst, 0, sizeof *dst);
+    dst->rows = src->rows;
+    dst->cols = src->cols;
+    dst->pixels = (unsigned char *)malloc((size_t)src->count * image);
+    dst->labels = (unsigned char *)malloc((size_t)src->count);
+    if (!members || !dst->pixels || !dst->labels) {
+        free(members);
+        free_dataset(dst);
+        return 0;
+    }
+    stochca_rng_seed(&rng, seed * 1000003u + 17u);
+    for (c = 0; c < DATA_CLASSES; c++) {
+        int n = 0, keep;
+        for (i = 0; i < src->count; i++)
+            if (src->labels[i] == c)
+                members[n++] = i;
+        for (i = n - 1; i > 0; i--) {
+            int j = (int)(stochca_rng_next(&rng) % (uint64_t)(i + 1)), swap = members[i];
+            members[i] = members[j];
+            members[j] = swap;
+        }
+        keep = (int)floor(ratio * n + 0.5);
+        if (keep < 1 && n > 0)
+            keep = 1;
+        for (i = 0; i < keep; i++, taken++) {
+            memcpy(dst->pixels + (size_t)taken * image, src->pixels + (size_t)members[i] * image, image);
+            dst->labels[taken] = src->labels[members[i]];
+        }
+    }
+    dst->count = taken;
+    free(members);
+    return 1;
+}
+
+/* The order of images in epoch `epoch`: a shuffle seeded by (seed, epoch),
+   so a run can be resumed at any step without storing the order. */
+static void epoch_order(int *order, int count, uint64_t seed, long epoch)
+{
+    stochca_rng rng;
+    int i;
+    stochca_rng_seed(&rng, seed ^ (0x5DEECE66Dull * (uint64_t)(epoch + 1)));
+    for (i = 0; i < count; i++)
+        order[i] = i;
+    for (i = count - 1; i > 0; i--) {
+        int j = (int)(stochca_rng_next(&rng) % (uint64_t)(i + 1)), swap = order[i];
+        order[i] = order[j];
+        order[j] = swap;
+    }
+}
+
+/* Converts images order[0..B-1] of d to floats (B,1,S,S) in [-1, 1]. */
+static void fill_batch(const dataset *d, const int *order, int B, stochca_real *images, int *labels)
+{
+    const size_t image = (size_t)d->rows * d->cols;
+    int b;
+    size_t i;
+    for (b = 0; b < B; b++) {
+        const unsigned char *src = d->pixels + (size_t)order[b] * image;
+        for (i = 0; i < image; i++)
+            images[(size_t)b * image + i] = ((stochca_real)src[i] / 255 - PIXEL_MEAN) / PIXEL_STD;
+        labels[b] = d->labels[order[b]];
+    }
+}
+
+/* ---------------------------------------------------------------------------
+   Command-line options */
+
+typedef enum { METHOD_FT, METHOD_STOCHCA, METHOD_L2SP, METHOD_STOCHCA_L2SP } method_kind;
+
+static const char *const method_names[4] = {"ft", "stochca", "l2sp", "stochca+l2sp"};
+
+typedef struct {
+    method_kind method;
+    double p;             /* StochCA cross-attention probability */
+    double ratio;         /* fraction of the training split used */
+    double lr;            /* peak learning rate */
+    double wd;            /* AdamW weight decay */
+    double head_lr_scale;
+    double l2sp_alpha;
+    long epochs;
+    long steps;           /* overrides epochs when > 0 */
+    long warmup;
+    int batch;
+    long seed;
+    int threads;
+    stochca_config config;  /* model shape for pretraining */
+    const char *data_dir;
+    const char *checkpoint; /* pretrained checkpoint to start from */
+    const char *out;        /* where to save the trained model, or NULL */
+} options;
+
+static options default_options(int pretraining)
+{
+    options o;
+    memset(&o, 0, sizeof o);
+    o.method = pretraining ? METHOD_FT : METHOD_STOCHCA;
+    o.p = 0.1;
+    o.ratio = 1.0;
+    o.lr = pretraining ? 1e-3 : 5e-4;
+    o.wd = 0.05;
+    o.head_lr_scale = 1.0;
+    o.l2sp_alpha = 0.01;
+    o.epochs = pretraining ? 10 : 10;
+    o.warmup = 100;
+    o.batch = pretraining ? 64 : 32;
+    o.seed = 0;
+    o.threads = 0;
+    o.config.image_size = 28;
+    o.config.channels = 1;
+    o.config.patch_size = 7;
+    o.config.dim = 64;
+    o.config.depth = 6;
+    o.config.heads = 4;
+    o.config.mlp_dim = 256;
+    o.config.classes = DATA_CLASSES;
+    o.data_dir = "data";
+    o.checkpoint = "data/pretrained.bin";
+    o.out = pretraining ? "pretrained.bin" : NULL;
+    return o;
+}
+
+static void print_usage(FILE *f)
+{
+    fprintf(f,
+        "usage: ./train                    the main job: fine-tune the shipped model on 15%% of MNIST\n"
+        "                                  with plain fine-tuning and with StochCA, print both\n"
+        "       ./train finetune [flags]   fine-tune a pretrained checkpoint on MNIST\n"
+        "       ./train pretrain [flags]   train a ViT from scratch on Fashion-MNIST\n"
+        "       ./train --help\n"
+        "\n"
+        "fine-tuning flags:\n"
+        "  --method NAME    ft, stochca, l2sp or stochca+l2sp (default stochca)\n"
+        "  --p P            StochCA cross-attention probability in [0, 1] (default 0.1)\n"
+        "  --ratio R        fraction of the MNIST training split in (0, 1], stratified (default 1)\n"
+        "  --checkpoint F   pretrained checkpoint (default data/pretrained.bin)\n"
+        "  --l2sp-alpha A   L2-SP strength, >= 0 (default 0.01)\n"
+        "  --head-lr-scale S  learning-rate multiplier of the head, > 0 (default 1)\n"
+        "pretraining flags:\n"
+        "  --dim D --depth L --heads H --mlp M --patch P   model shape (default 64 6 4 256 7)\n"
+        "common flags:\n"
+        "  --epochs E       passes over the training images (default 10)\n"
+        "  --steps N        optimizer steps; overrides --epochs\n"
+        "  --batch B        images per step (default 32 fine-tuning, 64 pretraining)\n"
+        "  --lr LR          peak learning rate (default 5e-4 fine-tuning, 1e-3 pretraining)\n"
+        "  --wd WD          AdamW weight decay, >= 0 (default 0.05)\n"
+        "  --warmup N       linear warm-up steps before the cosine decay (default 100)\n"
+        "  --seed S         seed of the subset, data order, initialization and draws (default 0)\n"
+        "  --threads N      OpenMP threads (default: all cores)\n"
+        "  --data DIR       folder of the IDX files (default data)\n"
+        "  --out F          save the trained model to F (pretraining default pretrained.bin)\n");
+}
+
+static int parse_double(const char *flag, const char *text, double low, double high, int low_open, double *out)
+{
+    char *end;
+    double value;
+    errno = 0;
+    value = strtod(text, &end);
+    if (end == text || *end != '\0' || errno != 0 || !isfinite(value) || value > high ||
+        (low_open ? value <= low : value < low)) {
+        fprintf(stderr, "train: invalid value '%s' for %s, expected a number in %s%g, %g]\n", text, flag,
+                low_open ? "(" : "[", low, high);
+        return 0;
+    }
+    *out = value;
+    return 1;
+}
+
+static int parse_long(const char *flag, const char *text, long low, long high, long *out)
+{
+    char *end;
+    long value;
+    errno = 0;
+    value = strtol(text, &end, 10);
+    if (end == text || *end != '\0' || errno != 0 || value < low || value > high) {
+        fprintf(stderr, "train: invalid value '%s' for %s, expected an integer from %ld to %ld\n", text, flag,
+                low, high);
+        return 0;
+    }
+    *out = value;
+    return 1;
+}
+
+static int parse_int(const char *flag, const char *text, long low, long high, int *out)
+{
+    long value;
+    if (!parse_long(flag, text, low, high, &value))
+        return 0;
+    *out = (int)value;
+    return 1;
+}
+
+static int parse_method(const char *text, method_kind *out)
+{
+    int i;
+    for (i = 0; i < 4; i++)
+        if (strcmp(text, method_names[i]) == 0) {
+            *out = (method_kind)i;
+            return 1;
+        }
+    fprintf(stderr, "train: invalid value '%s' for --method, expected ft, stochca, l2sp or stochca+l2sp\n", text);
+    return 0;
+}
+
+/* Parses one "--flag value" pair. Returns 0 after printing a message. */
+static int parse_flag(options *o, const char *flag, const char *value)
+{
+    if (!value) {
+        fprintf(stderr, "train: missing value for %s\n", flag);
+        return 0;
+    }
+    if (!strcmp(flag, "--method")) return parse_method(value, &o->method);
+    if (!strcmp(flag, "--p")) return parse_double(flag, value, 0, 1, 0, &o->p);
+    if (!strcmp(flag, "--ratio")) return parse_double(flag, value, 0, 1, 1, &o->ratio);
+    if (!strcmp(flag, "--lr")) return parse_double(flag, value, 0, 1, 1, &o->lr);
+    if (!strcmp(flag, "--wd")) return parse_double(flag, value, 0, 10, 0, &o->wd);
+    if (!strcmp(flag, "--head-lr-scale")) return parse_double(flag, value, 0, 1000, 1, &o->head_lr_scale);
+    if (!strcmp(flag, "--l2sp-alpha")) return parse_double(flag, value, 0, 100, 0, &o->l2sp_alpha);
+    if (!strcmp(flag, "--epochs")) return parse_long(flag, value, 1, 100000, &o->epochs);
+    if (!strcmp(flag, "--steps")) return parse_long(flag, value, 1, 100000000L, &o->steps);
+    if (!strcmp(flag, "--warmup")) return parse_long(flag, value, 0, 100000000L, &o->warmup);
+    if (!strcmp(flag, "--batch")) return parse_int(flag, value, 1, 65536, &o->batch);
+    if (!strcmp(flag, "--seed")) return parse_long(flag, value, 0, 2147483647L, &o->seed);
+    if (!strcmp(flag, "--threads")) return parse_int(flag, value, 1, 1024, &o->threads);
+    if (!strcmp(flag, "--dim")) return parse_int(flag, value, 1, 4096, &o->config.dim);
+    if (!strcmp(flag, "--depth")) return parse_int(flag, value, 1, STOCHCA_MAX_DEPTH, &o->config.depth);
+    if (!strcmp(flag, "--heads")) return parse_int(flag, value, 1, 4096, &o->config.heads);
+    if (!strcmp(flag, "--mlp")) return parse_int(flag, value, 1, 65536, &o->config.mlp_dim);
+    if (!strcmp(flag, "--patch")) return parse_int(flag, value, 1, 28, &o->config.patch_size);
+    if (!strcmp(flag, "--data")) { o->data_dir = value; return 1; }
+    if (!strcmp(flag, "--checkpoint")) { o->checkpoint = value; return 1; }
+    if (!strcmp(flag, "--out")) { o->out = value; return 1; }
+    fprintf(stderr, "train: unknown flag '%s'\n\n", flag);
+    print_usage(stderr);
+    return 0;
+}
+
+static int parse_options(options *o, int argc, char **argv)
+{
+    int i;
+    for (i = 0; i < argc; i += 2)
+        if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
+            return 0;
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------
+   Training and evaluation */
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int argmax(const stochca_real *x, int n)
+{
+    int best = 0, i;
+    for (i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}
+
+/* Buffers of one training or evaluation run. */
+typedef struct {
+    int *order;            /* (count) image order of the current epoch */
+    stochca_real *images;  /* (B, 1, S, S) */
+    int *labels;           /* (B) */
+} batch_buffers;
+
+static int alloc_buffers(batch_buffers *buf, int count, int B, int image_size)
+{
+    buf->order = (int *)malloc((size_t)count * sizeof(int));
+    buf->images = (stochca_real *)malloc((size_t)B * image_size * image_size * sizeof(stochca_real));
+    buf->labels = (int *)malloc((size_t)B * sizeof(int));
+    if (buf->order && buf->images && buf->labels)
+        return 1;
+    fprintf(stderr, "train: out of memory for batches of %d images\n", B);
+    return 0;
+}
+
+static void free_buffers(batch_buffers *buf)
+{
+    free(buf->order);
+    free(buf->images);
+    free(buf->labels);
+}
+
+/* Returns the accuracy of the self-attention-only model on d, in percent. */
+static double evaluate(stochca_model *m, const dataset *d, batch_buffers *buf)
+{
+    const int B = m->batch_capacity;
+    int start, b, correct = 0;
+    for (start = 0; start < d->count; start++)
+        buf->order[start] = start;
+    for (start = 0; start < d->count; start += B) {
+        int n = d->count - start < B ? d->count - start : B;
+        fill_batch(d, buf->order + start, n, buf->images, buf->labels);
+        stochca_forward(m, buf->images, NULL, n, NULL, NULL, NULL);
+        for (b = 0; b < n; b++)
+            correct += argmax(m->acts.logits + (size_t)b * m->config.classes, m->config.classes) == buf->labels[b];
+    }
+    return 100.0 * correct / d->count;
+}
+
+static void print_progress(const char *label, long step, long total, double loss, double accuracy,
+                           double images_per_second, double elapsed)
+{
+    double left = step > 0 ? elapsed / step * (total - step) : 0;
+    fprintf(stderr, "\r%s step %ld/%ld  loss %.4f  train acc %5.1f%%  %5.0f img/s  %2d:%02d left ", label, step,
+            total, loss, accuracy, images_per_second, (int)left / 60, (int)left % 60);
+    fflush(stderr);
+}
+
+/* One optimizer step on the batch in buf. Returns 0 after printing a
+   message if the loss or a gradient is not finite. */
+static int train_step(stochca_model *m, stochca_model *pretrained, const options *o, stochca_rng *rng,
+                      batch_buffers *buf, int B, long step, long total, long warmup)
+{
+    unsigned char cross[STOCHCA_MAX_DEPTH];
+    const int stochca = o->method == METHOD_STOCHCA || o->method == METHOD_STOCHCA_L2SP;
+    const int l2sp = o->method == METHOD_L2SP || o->method == METHOD_STOCHCA_L2SP;
+    stochca_adamw opt = stochca_adamw_default();
+    stochca_kv kv;
+    stochca_error err;
+    int l, any_cross = 0;
+    double grad_norm;
+
+    if (stochca) {
+        stochca_draw_cross(rng, (float)o->p, m->config.depth, cross);
+        for (l = 0; l < m->config.depth; l++)
+            any_cross |= cross[l];
+    }
+    if (any_cross && stochca_pretrained_kv(pretrained, buf->images, B, &kv, &err) != STOCHCA_OK) {
+        fprintf(stderr, "\ntrain: %s\n", err.message);
+        return 0;
+    }
+    if (stochca_forward(m, buf->images, buf->labels, B, any_cross ? cross : NULL, any_cross ? &kv : NULL,
+                        &err) != STOCHCA_OK ||
+        (stochca_zero_grad(m), stochca_backward(m, &err)) != STOCHCA_OK) {
+        fprintf(stderr, "\ntrain: %s\n", err.message);
+        return 0;
+    }
+    if (l2sp) {
+        double penalty = stochca_l2sp(m, pretrained, (float)o->l2sp_alpha);
+        (void)penalty;
+    }
+    grad_norm = stochca_grad_norm(m);
+    if (!isfinite(m->loss) || !isfinite(grad_norm)) {
+        fprintf(stderr, "\ntrain: step %ld: the %s is not finite (loss %g, gradient norm %g); training "
+                "stopped and nothing was saved. Try a lower --lr (now %g).\n", step + 1,
+                isfinite(m->loss) ? "gradient" : "loss", (double)m->loss, grad_norm, o->lr);
+        return 0;
+    }
+    opt.lr = stochca_cosine_lr((float)o->lr, step, warmup, total);
+    opt.weight_decay = (float)o->wd;
+    opt.head_lr_scale = (float)o->head_lr_scale;
+    opt.decay_head_only = l2sp;
+    stochca_adamw_update(m, &opt);
+    return 1;
+}
+
+/* Trains m on d as options o say. pretrained is needed for StochCA and
+   L2-SP and may be NULL otherwise. Returns 0 after printing a message. */
+static int train_model(stochca_model *m, stochca_model *pretrained, const dataset *d, const options *o,
+                       const char *label)
+{
+    const int B = o->batch < d->count ? o->batch : d->count;
+    const long steps_per_epoch = d->count / B;
+    const long total = o->steps > 0 ? o->steps : o->epochs * steps_per_epoch;
+    const long warmup = o->warmup < total ? o->warmup : total;
+    batch_buffers buf;
+    stochca_rng rng;
+    stochca_error err;
+    double start = now_seconds(), last_print = start, window_loss = 0;
+    long step, window_steps = 0, window_images = 0, window_correct = 0;
+    int ok = 1, b;
+
+    memset(&buf, 0, sizeof buf);
+    if (o->method != METHOD_FT && !pretrained) {
+        fprintf(stderr, "train: --method %s needs a pretrained model\n", method_names[o->method]);
+        return 0;
+    }
+    if (stochca_model_reserve(m, B, 1, &err) != STOCHCA_OK ||
+        (pretrained && stochca_model_reserve(pretrained, B, 0, &err) != STOCHCA_OK)) {
+        fprintf(stderr, "train: %s\n", err.message);
+        return 0;
+    }
+    if (!alloc_buffers(&buf, d->count, B, d->rows))
+        return 0;
+    stochca_rng_seed(&rng, (uint64_t)o->seed);
+    for (step = 0; step < total && ok; step++) {
+        const long position = step % steps_per_epoch;
+        double now;
+        if (position == 0)
+            epoch_order(buf.order, d->count, (uint64_t)o->seed, step / steps_per_epoch);
+        fill_batch(d, buf.order + position * B, B, buf.images, buf.labels);
+        ok = train_step(m, pretrained, o, &rng, &buf, B, step, total, warmup);
+        if (!ok)
+            break;
+
+        /* Loss and accuracy are averaged over the steps since the last line. */
+        for (b = 0; b < B; b++)
+            window_correct += argmax(m->acts.logits + (size_t)b * m->config.classes, m->config.classes) ==
+                              buf.labels[b];
+        window_images += B;
+        window_loss += m->loss;
+        window_steps += 1;
+        now = now_seconds();
+        if (now - last_print > 1.0 || step + 1 == total) {
+            print_progress(label, step + 1, total, window_loss / window_steps,
+                           100.0 * window_correct / window_images, (double)(step + 1) * B / (now - start),
+                           now - start);
+            last_print = now;
+            window_loss = 0;
+            window_steps = window_images = window_correct = 0;
+        }
+    }
+    if (ok)
+        fprintf(stderr, "\n");
+    free_buffers(&buf);
+    return ok;
+}
+
+/* ---------------------------------------------------------------------------
+   Commands */
+
+static int load_split(dataset *d, const char *data_dir, const char *name, const char *split, int image_size)
+{
+    char images[1024], labels[1024], msg[4096];
+    snprintf(images, sizeof images, "%s/%s-%s-images.idx", data_dir, name, split);
+    snprintf(labels, sizeof labels, "%s/%s-%s-labels.idx", data_dir, name, split);
+    if (load_dataset(d, images, labels, image_size, msg, sizeof msg))
+        return 1;
+    fprintf(stderr, "train: %s\n", msg);
+    return 0;
+}
+
+/* Evaluates m on d with batches of up to 256 images. Returns -1 on failure. */
+static double test_accuracy(stochca_model *m, const dataset *d)
+{
+    batch_buffers buf;
+    stochca_error err;
+    double accuracy = -1;
+    memset(&buf, 0, sizeof buf);
+    if (stochca_model_reserve(m, 256, 0, &err) != STOCHCA_OK)
+        fprintf(stderr, "train: %s\n", err.message);
+    else if (alloc_buffers(&buf, d->count, 256, d->rows))
+        accuracy = evaluate(m, d, &buf);
+    free_buffers(&buf);
+    return accuracy;
+}
+
+static int save_model(const stochca_model *m, const char *path)
+{
+    stochca_error err;
+    if (!path)
+        return 1;
+    if (stochca_checkpoint_save(m, NULL, path, 0, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        return 0;
+    }
+    fprintf(stderr, "saved %s\n", path);
+    return 1;
+}
+
+static void set_threads(const options *o)
+{
+#ifdef _OPENMP
+    if (o->threads > 0)
+        omp_set_num_threads(o->threads);
+#else
+    (void)o;
+#endif
+}
+
+static int cmd_pretrain(const options *o)
+{
+    dataset train, test;
+    stochca_model m;
+    stochca_rng rng;
+    stochca_error err;
+    double accuracy = -1, start = now_seconds();
+    int ok = 0;
+
+    memset(&m, 0, sizeof m);
+    if (!load_split(&train, o->data_dir, "fashion", "train", o->config.image_size))
+        return 0;
+    if (!load_split(&test, o->data_dir, "fashion", "test", o->config.image_size)) {
+        free_dataset(&train);
+        return 0;
+    }
+    if (stochca_model_init(&m, &o->config, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+    } else {
+        stochca_rng_seed(&rng, (uint64_t)o->seed);
+        stochca_model_init_random(&m, &rng);
+        fprintf(stderr, "pretraining on %d Fashion-MNIST images, %zu parameters\n", train.count, m.num_params);
+        if (train_model(&m, NULL, &train, o, "pretrain") && (accuracy = test_accuracy(&m, &test)) >= 0) {
+            printf("Fashion-MNIST test accuracy: %.2f%% (%d images, %.0f s)\n", accuracy, test.count,
+                   now_seconds() - start);
+            ok = save_model(&m, o->out);
+        }
+    }
+    stochca_model_free(&m);
+    free_dataset(&train);
+    free_dataset(&test);
+    return ok;
+}
+
+/* Loads the pretrained checkpoint and checks that it fits 28x28 grey images. */
+static int load_pretrained(stochca_model *pre, const char *path, int image_size)
+{
+    stochca_config c;
+    stochca_error err;
+    if (stochca_checkpoint_read_config(path, &c, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        return 0;
+    }
+    if (c.image_size != image_size || c.channels != 1) {
+        fprintf(stderr, "train: checkpoint '%s' is for %dx%dx%d images, but the data is %dx%dx1\n", path,
+                c.image_size, c.image_size, c.channels, image_size, image_size);
+        return 0;
+    }
+    if (stochca_model_init(pre, &c, &err) != STOCHCA_OK || stochca_checkpoint_load(pre, NULL, path, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        stochca_model_free(pre);
+        return 0;
+    }
+    return 1;
+}
+
+/* Fine-tunes the pretrained checkpoint on MNIST. Writes the test accuracy
+   (percent), the training images used and the seconds taken. */
+static int run_finetune(const options *o, double *accuracy, int *train_images, double *seconds)
+{
+    dataset full, train, test;
+    stochca_model pre, target;
+    stochca_error err;
+    const char *name = method_names[o->method];
+    double start = now_seconds();
+    int ok = 0;
+
+    memset(&pre, 0, sizeof pre);
+    memset(&target, 0, sizeof target);
+    memset(&train, 0, sizeof train);
+    memset(&test, 0, sizeof test);
+    if (!load_split(&full, o->data_dir, "mnist", "train", 28))
+        return 0;
+    if (!load_split(&test, o->data_dir, "mnist", "test", 28) || !load_pretrained(&pre, o->checkpoint, 28))
+        goto done;
+    if (!make_subset(&full, o->ratio, (uint64_t)o->seed, &train)) {
+        fprintf(stderr, "train: out of memory for the training subset\n");
+        goto done;
+    }
+    if (stochca_model_init_transfer(&target, &pre, DATA_CLASSES, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        goto done;
+    }
+    fprintf(stderr, "fine-tuning with %s on %d MNIST images (ratio %g, seed %ld)\n", name, train.count, o->ratio,
+            o->seed);
+    if (!train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name))
+        goto done;
+    *accuracy = test_accuracy(&target, &test);
+    *train_images = train.count;
+    *seconds = now_seconds() - start;
+    ok = *accuracy >= 0 && save_model(&target, o->out);
+done:
+    stochca_model_free(&pre);
+    stochca_model_free(&target);
+    free_dataset(&full);
+    free_dataset(&train);
+    free_dataset(&test);
+    return ok;
+}
+
+static int cmd_finetune(const options *o)
+{
+    double accuracy, seconds;
+    int images;
+    if (!run_finetune(o, &accuracy, &images, &seconds))
+        return 0;
+    printf("%s p=%g ratio=%g seed=%ld: MNIST test accuracy %.2f%% (%d training images, %.0f s)\n",
+           method_names[o->method], o->method == METHOD_STOCHCA || o->method == METHOD_STOCHCA_L2SP ? o->p : 0.0,
+           o->ratio, o->seed, accuracy, images, seconds);
+    return 1;
+}
+
+/* The main job: plain fine-tuning and StochCA on 15% of MNIST. */
+static int cmd_main_job(options o)
+{
+    const method_kind methods[2] = {METHOD_FT, METHOD_STOCHCA};
+    double accuracy[2], seconds[2];
+    int images[2], i;
+    o.ratio = 0.15;
+    for (i = 0; i < 2; i++) {
+        o.method = methods[i];
+        if (!run_finetune(&o, &accuracy[i], &images[i], &seconds[i]))
+            return 0;
+    }
+    printf("\nMNIST, %d training images (15%% of the split), %ld epochs, seed %ld, checkpoint %s\n",
+           images[0], o.epochs, o.seed, o.checkpoint);
+    printf("%-10s %-6s %-14s %s\n", "method", "p", "test accuracy", "time");
+    for (i = 0; i < 2; i++)
+        printf("%-10s %-6.2f %6.2f%%        %.0f s\n", method_names[methods[i]], i ? o.p : 0.0, accuracy[i],
+               seconds[i]);
+    return 1;
+}
+
+#ifndef STOCHCA_TRAIN_NO_MAIN
+int main(int argc, char **argv)
+{
+    const char *command = argc > 1 ? argv[1] : "";
+    int pretraining = !strcmp(command, "pretrain"), ok;
+    options o = default_options(pretraining);
+
+    if (!strcmp(command, "--help") || !strcmp(command, "-h")) {
+        print_usage(stdout);
+        return 0;
+    }
+    if (argc > 1 && strcmp(command, "pretrain") && strcmp(command, "finetune")) {
+        fprintf(stderr, "train: unknown command '%s'\n\n", command);
+        print_usage(stderr);
+        return 2;
+    }
+    if (!parse_options(&o, argc > 1 ? argc - 2 : 0, argv + 2))
+        return 2;
+    set_threads(&o);
+    if (pretraining)
+        ok = cmd_pretrain(&o);
+    else if (argc > 1)
+        ok = cmd_finetune(&o);
+    else
+        ok = cmd_main_job(o);
+    return ok ? 0 : 1;
+}
+#endif
