@@ -30,10 +30,10 @@ train: train.c stochca.h
 test_stochca: test.c train.c stochca.h
 	$(CC) -O2 $(WARNINGS) -Wno-unused-function $(OMP_FLAGS) $(CFLAGS) -o $@ test.c -lm
 
-test: test_stochca
+test: test_stochca train
 	./test_stochca
 
-sanitize: test.c train.c stochca.h
+sanitize: test.c train.c stochca.h train
 	$(CC) $(SANITIZE) $(WARNINGS) -Wno-unused-function $(CFLAGS) -o test_sanitize test.c -lm
 	./test_sanitize
 

@@ -97,7 +97,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef STOCHCA_STATIC
+#if defined(STOCHCA_STATIC) && (defined(__GNUC__) || defined(__clang__))
+#define STOCHCA_API static __attribute__((unused)) /* no warning for functions a file does not call */
+#elif defined(STOCHCA_STATIC)
 #define STOCHCA_API static
 #else
 #define STOCHCA_API extern

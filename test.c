@@ -8,6 +8,14 @@
    Test names start with the equation of PAPER_NOTES.md that they check.
    The program prints one line per check with its worst error, then
    "N passed, M failed", and exits non-zero if any check failed. */
+#include <stddef.h>
+
+/* Every allocation of the header goes through these, so a test can make
+   the k-th allocation fail and count what is still allocated. */
+static void *counting_malloc(size_t size);
+static void counting_free(void *p);
+#define STOCHCA_MALLOC(n) counting_malloc(n)
+#define STOCHCA_FREE(p) counting_free(p)
 #define STOCHCA_DOUBLE
 #define STOCHCA_IMPLEMENTATION
 #include "stochca.h"
@@ -18,12 +26,36 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>  /* WEXITSTATUS for the driver tests, which need a POSIX shell */
 
 #define FD_STEP 1e-6      /* central-difference step */
 #define GRAD_RTOL 1e-6    /* relative tolerance of a gradient check */
 #define GRAD_ATOL 1e-9    /* absolute tolerance, for gradients near zero */
 
 static int tests_passed, tests_failed;
+static long allocations_live;     /* header allocations not yet freed */
+static long allocations_until_failure; /* 0: never fail; k: the k-th allocation from now fails */
+static int allocation_failed;     /* set when an injected failure happened */
+
+static void *counting_malloc(size_t size)
+{
+    void *p;
+    if (allocations_until_failure > 0 && --allocations_until_failure == 0) {
+        allocation_failed = 1;
+        return NULL;
+    }
+    p = malloc(size);
+    if (p)
+        allocations_live++;
+    return p;
+}
+
+static void counting_free(void *p)
+{
+    if (p)
+        allocations_live--;
+    free(p);
+}
 
 static void report(const char *name, int ok, const char *detail)
 {
@@ -696,10 +728,453 @@ static void test_l2sp(stochca_rng *rng)
     stochca_model_free(&pre);
 }
 
+/* ---------------------------------------------------------------------------
+   Checkpoints */
+
+static const char *const TMP_CHECKPOINT = "test_checkpoint.tmp.bin";
+
+/* Writes `size` bytes of `bytes` to path. */
+static void write_bytes(const char *path, const unsigned char *bytes, size_t size)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(bytes, 1, size, f) != size) {
+        fprintf(stderr, "test: cannot write %s\n", path);
+        exit(2);
+    }
+    fclose(f);
+}
+
+static unsigned char *read_bytes(const char *path, size_t *size)
+{
+    long n = 0;
+    char msg[256];
+    unsigned char *bytes = read_file(path, &n, msg, sizeof msg);
+    if (!bytes) {
+        fprintf(stderr, "test: %s\n", msg);
+        exit(2);
+    }
+    *size = (size_t)n;
+    return bytes;
+}
+
+/* Loads `bytes` as a checkpoint into m and checks the status and message. */
+static void check_rejected(const char *name, stochca_model *m, const unsigned char *bytes, size_t size,
+                           int expected_status, const char *expected_text)
+{
+    stochca_error err;
+    int status;
+    char detail[400];
+    write_bytes(TMP_CHECKPOINT, bytes, size);
+    err.message[0] = '\0';
+    status = stochca_checkpoint_load(m, NULL, TMP_CHECKPOINT, &err);
+    snprintf(detail, sizeof detail, "status %d, message: %s", status, err.message);
+    check_true(name, status == expected_status && strstr(err.message, expected_text) != NULL, detail);
+}
+
+static void test_checkpoints(stochca_rng *rng)
+{
+    stochca_model m, loaded;
+    stochca_config other = tiny_config();
+    stochca_error err;
+    stochca_rng saved_rng, loaded_rng;
+    unsigned char *bytes, *copy;
+    size_t size, second_size, i;
+    int status;
+    char detail[300];
+
+    init_tiny_model(&m, 1, rng);
+    init_tiny_model(&loaded, 1, rng);
+    /* Values that float32 stores exactly, so the round trip must be exact. */
+    for (i = 0; i < m.num_params; i++)
+        m.param_memory[i] = (double)(float)m.param_memory[i];
+    for (i = 0; i < 2 * m.num_params; i++)
+        m.adam_memory[i] = (double)(float)(0.001 * (double)i);
+    m.adam_step = 17;
+    stochca_rng_seed(&saved_rng, 0x123456789ABCDEFull);
+
+    status = stochca_checkpoint_save(&m, &saved_rng, TMP_CHECKPOINT, 1, &err);
+    check_true("checkpoint save", status == STOCHCA_OK, status == STOCHCA_OK ? "saved" : err.message);
+    status = stochca_checkpoint_load(&loaded, &loaded_rng, TMP_CHECKPOINT, &err);
+    snprintf(detail, sizeof detail, "status %d, step %ld", status, loaded.adam_step);
+    check_true("checkpoint round trip bit for bit",
+               status == STOCHCA_OK && same_bits(m.param_memory, loaded.param_memory, m.num_params) &&
+                   same_bits(m.adam_memory, loaded.adam_memory, 2 * m.num_params) && loaded.adam_step == 17 &&
+                   loaded_rng.state == saved_rng.state,
+               detail);
+
+    bytes = read_bytes(TMP_CHECKPOINT, &size);
+    stochca_checkpoint_save(&loaded, &loaded_rng, TMP_CHECKPOINT, 1, &err);
+    copy = read_bytes(TMP_CHECKPOINT, &second_size);
+    check_true("checkpoint save of a load is identical", size == second_size && memcmp(bytes, copy, size) == 0,
+               "second file equals the first byte for byte");
+    free(copy);
+    check_true("checkpoint size is header plus 3Q floats", size == 64 + 4 * 3 * m.num_params, "optimizer state included");
+
+    copy = (unsigned char *)malloc(size);
+    memcpy(copy, bytes, size);
+    copy[0] = 'X';
+    check_rejected("checkpoint bad magic rejected", &loaded, copy, size, STOCHCA_ERR_FORMAT, "bad magic");
+    memcpy(copy, bytes, size);
+    copy[4] = 2;
+    check_rejected("checkpoint wrong version rejected", &loaded, copy, size, STOCHCA_ERR_FORMAT,
+                   "format version 2, but this build reads version 1");
+    check_rejected("checkpoint truncated file rejected", &loaded, bytes, size - 10, STOCHCA_ERR_FORMAT,
+                   "is truncated");
+    check_rejected("checkpoint truncated header rejected", &loaded, bytes, 20, STOCHCA_ERR_FORMAT,
+                   "shorter than its 64-byte header");
+    memcpy(copy, bytes, size);
+    memcpy(copy + 64, "\x00\x00\xc0\x7f", 4);  /* a NaN as the first parameter */
+    check_rejected("checkpoint NaN value rejected", &loaded, copy, size, STOCHCA_ERR_FORMAT, "not finite");
+    free(copy);
+
+    /* A valid checkpoint of another configuration names the field. */
+    stochca_model_free(&loaded);
+    other.dim = 12;
+    other.heads = 3;
+    if (stochca_model_init(&loaded, &other, &err) != STOCHCA_OK)
+        exit(2);
+    check_rejected("checkpoint configuration mismatch rejected", &loaded, bytes, size, STOCHCA_ERR_CONFIG,
+                   "dim is 8 in the file but 12 in the model");
+    status = stochca_checkpoint_load(&loaded, NULL, "no/such/file.bin", &err);
+    check_true("checkpoint missing file rejected", status == STOCHCA_ERR_IO && strstr(err.message, "cannot open"),
+               err.message);
+
+    /* A failed save leaves the earlier file in place and no temporary file. */
+    status = stochca_checkpoint_save(&m, NULL, "no/such/folder/model.bin", 0, &err);
+    check_true("checkpoint save to missing folder fails", status == STOCHCA_ERR_IO && strstr(err.message, "cannot create"),
+               err.message);
+
+    free(bytes);
+    remove(TMP_CHECKPOINT);
+    stochca_model_free(&m);
+    stochca_model_free(&loaded);
+}
+
+static void test_tensor_table(void)
+{
+    stochca_config c = tiny_config();
+    stochca_tensor_info first, block, last;
+    stochca_model m;
+    stochca_error err;
+    char detail[300];
+    stochca_tensor_info_at(&c, 0, &first);
+    stochca_tensor_info_at(&c, 4 + 12 + 2, &block);
+    stochca_tensor_info_at(&c, stochca_num_tensors(&c) - 1, &last);
+    stochca_model_init(&m, &c, &err);
+    snprintf(detail, sizeof detail, "%s, %s (%d,%d) at %zu, %s ends at %zu of %zu", first.name, block.name,
+             block.shape[0], block.shape[1], block.offset, last.name, last.offset + last.numel, m.num_params);
+    check_true("state-dict order and shapes",
+               !strcmp(first.name, "class_token") && first.shape[2] == 8 &&
+                   !strcmp(block.name, "encoder.layers.encoder_layer_1.self_attention.in_proj_weight") &&
+                   block.shape[0] == 24 && block.shape[1] == 8 &&
+                   m.param_memory + block.offset == m.params.block[1].qkv_w &&
+                   !strcmp(last.name, "heads.head.bias") && last.offset + last.numel == m.num_params,
+               detail);
+    stochca_model_free(&m);
+}
+
+static void test_config_validation(void)
+{
+    stochca_config c = tiny_config();
+    stochca_error err;
+    int status;
+    c.dim = 9;
+    status = stochca_config_validate(&c, &err);
+    check_true("config dim not divisible by heads", status == STOCHCA_ERR_CONFIG &&
+               strstr(err.message, "dim 9 is not divisible by heads 2"), err.message);
+    c = tiny_config();
+    c.patch_size = 3;
+    status = stochca_config_validate(&c, &err);
+    check_true("config image not divisible by patch", status == STOCHCA_ERR_CONFIG &&
+               strstr(err.message, "image_size 8 is not divisible by patch_size 3"), err.message);
+    c = tiny_config();
+    c.depth = 0;
+    status = stochca_config_validate(&c, &err);
+    check_true("config zero depth", status == STOCHCA_ERR_CONFIG && strstr(err.message, "depth = 0"), err.message);
+}
+
+/* ---------------------------------------------------------------------------
+   IDX reader of train.c */
+
+static void put_be32(unsigned char *p, uint32_t x)
+{
+    p[0] = (unsigned char)(x >> 24);
+    p[1] = (unsigned char)(x >> 16);
+    p[2] = (unsigned char)(x >> 8);
+    p[3] = (unsigned char)x;
+}
+
+/* Writes an IDX image file (n, side, side) and a label file of m labels. */
+static void write_idx_pair(const char *images, const char *labels, int n, int side, int m, int bad_label)
+{
+    size_t image_size = 16 + (size_t)n * side * side, label_size = 8 + (size_t)m;
+    unsigned char *buf = (unsigned char *)calloc(image_size > label_size ? image_size : label_size, 1);
+    int i;
+    put_be32(buf, 0x00000803u);
+    put_be32(buf + 4, (uint32_t)n);
+    put_be32(buf + 8, (uint32_t)side);
+    put_be32(buf + 12, (uint32_t)side);
+    write_bytes(images, buf, image_size);
+    memset(buf, 0, label_size);
+    put_be32(buf, 0x00000801u);
+    put_be32(buf + 4, (uint32_t)m);
+    for (i = 0; i < m; i++)
+        buf[8 + i] = (unsigned char)(i % 10);
+    if (bad_label)
+        buf[8 + m - 1] = 12;
+    write_bytes(labels, buf, label_size);
+    free(buf);
+}
+
+static void check_idx(const char *name, const char *images, const char *labels, int expect_ok, const char *text)
+{
+    dataset d;
+    char msg[1024] = "";
+    int ok = load_dataset(&d, images, labels, 28, msg, sizeof msg);
+    check_true(name, ok == expect_ok && (expect_ok || strstr(msg, text) != NULL), ok ? "loaded" : msg);
+    if (ok)
+        free_dataset(&d);
+}
+
+static void test_idx(void)
+{
+    const char *images = "test_images.tmp.idx", *labels = "test_labels.tmp.idx";
+    static const unsigned char gzip_bytes[20] = {0x1f, 0x8b, 0x08, 0};
+    unsigned char *bytes;
+    size_t size;
+
+    write_idx_pair(images, labels, 5, 28, 5, 0);
+    check_idx("IDX valid pair loads", images, labels, 1, "");
+
+    bytes = read_bytes(images, &size);
+    write_bytes(images, bytes, size - 100);
+    check_idx("IDX truncated images rejected", images, labels, 0, "is truncated: 3836 bytes, but its header describes 3936");
+    write_bytes(images, bytes, 10);
+    check_idx("IDX truncated header rejected", images, labels, 0, "shorter than its 16-byte IDX header");
+    bytes[3] = 0x01;
+    write_bytes(images, bytes, size);
+    check_idx("IDX wrong magic rejected", images, labels, 0, "has IDX magic number 0x00000801, expected 0x00000803");
+    free(bytes);
+
+    write_bytes(images, gzip_bytes, sizeof gzip_bytes);
+    check_idx("IDX gzip file rejected", images, labels, 0, "is gzip-compressed; decompress it first");
+
+    write_idx_pair(images, labels, 5, 28, 4, 0);
+    check_idx("IDX count mismatch rejected", images, labels, 0, "holds 5 images but");
+    write_idx_pair(images, labels, 5, 28, 5, 1);
+    check_idx("IDX label out of range rejected", images, labels, 0, "label 12 of image 4 is out of range");
+    write_idx_pair(images, labels, 3, 32, 3, 0);
+    check_idx("IDX other image shape rejected", images, labels, 0, "holds 32x32 images, but the model expects 28x28");
+    check_idx("IDX missing file rejected", "no/such/images.idx", labels, 0, "cannot open 'no/such/images.idx'");
+
+    remove(images);
+    remove(labels);
+}
+
+/* ---------------------------------------------------------------------------
+   Allocation failures: each one is returned as STOCHCA_ERR_NOMEM, and
+   nothing stays allocated after stochca_model_free. */
+
+static int allocation_sequence(stochca_error *err)
+{
+    stochca_config c = tiny_config();
+    stochca_model a, b;
+    int status;
+    memset(&b, 0, sizeof b);
+    status = stochca_model_init(&a, &c, err);
+    if (status == STOCHCA_OK)
+        status = stochca_model_reserve(&a, 2, 1, err);
+    if (status == STOCHCA_OK)
+        status = stochca_model_init_transfer(&b, &a, 5, err);
+    if (status == STOCHCA_OK)
+        status = stochca_checkpoint_save(&a, NULL, TMP_CHECKPOINT, 1, err);
+    if (status == STOCHCA_OK)
+        status = stochca_checkpoint_load(&a, NULL, TMP_CHECKPOINT, err);
+    stochca_model_free(&a);
+    stochca_model_free(&b);
+    return status;
+}
+
+static void test_allocation_failures(void)
+{
+    stochca_error err;
+    long k, injected = 0, wrong_status = 0, leaks = 0;
+    char detail[400] = "";
+    for (k = 1; k < 100; k++) {
+        int status;
+        allocations_live = 0;
+        allocation_failed = 0;
+        allocations_until_failure = k;
+        status = allocation_sequence(&err);
+        allocations_until_failure = 0;
+        if (!allocation_failed)
+            break;
+        injected++;
+        if (status != STOCHCA_ERR_NOMEM || !strstr(err.message, "out of memory")) {
+            wrong_status++;
+            snprintf(detail, sizeof detail, "allocation %ld: status %d, message: %s", k, status, err.message);
+        }
+        leaks += allocations_live != 0;
+    }
+    remove(TMP_CHECKPOINT);
+    if (!detail[0])
+        snprintf(detail, sizeof detail, "%ld allocations failed in turn, %ld leaked", injected, leaks);
+    check_true("allocation failure returns NOMEM", injected >= 8 && wrong_status == 0, detail);
+    check_true("allocation failure leaks nothing", injected >= 8 && leaks == 0, detail);
+}
+
+/* ---------------------------------------------------------------------------
+   The driver end to end: ./train on the shipped data. These tests need the
+   train binary (make test builds it) and data/pretrained.bin. */
+
+#define FT_FLAGS "finetune --method stochca --p 0.5 --ratio 0.02 --batch 8 --steps 6 --warmup 2"
+
+/* Runs a shell command with stderr and stdout captured to OUTPUT_FILE.
+   Returns the exit status, or -1 if it could not run. */
+static const char *const OUTPUT_FILE = "test_output.tmp.txt";
+
+static int run(const char *command)
+{
+    char line[2048];
+    int status;
+    snprintf(line, sizeof line, "%s > %s 2>&1", command, OUTPUT_FILE);
+    status = system(line);
+    if (status == -1)
+        return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* Checks the exit status and that the output contains `text`. */
+static void check_command(const char *name, const char *command, int expected_status, const char *text)
+{
+    int status = run(command);
+    size_t size = 0;
+    char *output = (char *)read_bytes(OUTPUT_FILE, &size);
+    char detail[700], *last_line;
+    output = (char *)realloc(output, size + 1);
+    output[size] = '\0';
+    last_line = strstr(output, text) ? strstr(output, text) : output;
+    snprintf(detail, sizeof detail, "exit %d (expected %d): %.300s", status, expected_status, last_line);
+    for (last_line = detail; *last_line; last_line++)
+        if (*last_line == '\n' || *last_line == '\r')
+            *last_line = ' ';
+    check_true(name, status == expected_status && strstr(output, text) != NULL, detail);
+    free(output);
+}
+
+static int same_file(const char *a, const char *b)
+{
+    size_t size_a, size_b;
+    unsigned char *x = read_bytes(a, &size_a), *y = read_bytes(b, &size_b);
+    int same = size_a == size_b && memcmp(x, y, size_a) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+static void test_driver_flags(void)
+{
+    check_command("flag p above 1 rejected", "./train finetune --p 1.5", 2,
+                  "train: invalid value '1.5' for --p, expected a number in [0, 1]");
+    check_command("flag ratio 0 rejected", "./train finetune --ratio 0", 2,
+                  "train: invalid value '0' for --ratio, expected a number in (0, 1]");
+    check_command("flag batch 0 rejected", "./train finetune --batch 0", 2,
+                  "train: invalid value '0' for --batch, expected an integer from 1 to 65536");
+    check_command("flag steps not a number rejected", "./train finetune --steps ten", 2,
+                  "train: invalid value 'ten' for --steps, expected an integer from 1 to 100000000");
+    check_command("flag unknown method rejected", "./train finetune --method sgd", 2,
+                  "train: invalid value 'sgd' for --method, expected ft, stochca, l2sp or stochca+l2sp");
+    check_command("flag unknown prints usage", "./train finetune --bogus 1", 2, "usage: ./train");
+    check_command("flag missing value rejected", "./train finetune --lr", 2, "train: missing value for --lr");
+    check_command("unknown command rejected", "./train fly", 2, "train: unknown command 'fly'");
+    check_command("missing data folder rejected", "./train " FT_FLAGS " --data no/such/dir", 1,
+                  "train: cannot open 'no/such/dir/mnist-train-images.idx'");
+    check_command("missing checkpoint rejected", "./train " FT_FLAGS " --checkpoint no/such.bin", 1,
+                  "train: cannot open checkpoint 'no/such.bin'; check the path");
+}
+
+/* A valid checkpoint for 32x32x3 images must not be used on MNIST. */
+static void test_driver_other_shape(stochca_rng *rng)
+{
+    stochca_config c = tiny_config();
+    stochca_model m;
+    stochca_error err;
+    c.image_size = 32;
+    c.channels = 3;
+    if (stochca_model_init(&m, &c, &err) != STOCHCA_OK)
+        exit(2);
+    fill_random(m.param_memory, m.num_params, -0.5, 0.5, rng);
+    stochca_checkpoint_save(&m, NULL, TMP_CHECKPOINT, 0, &err);
+    check_command("checkpoint of other image shape rejected", "./train " FT_FLAGS " --checkpoint " "test_checkpoint.tmp.bin", 1,
+                  "is for 32x32x3 images, but the data is 28x28x1");
+    remove(TMP_CHECKPOINT);
+    stochca_model_free(&m);
+}
+
+static void test_driver_resume(void)
+{
+    check_command("train straight 6 steps", "./train " FT_FLAGS " --save-every 3 --out test_a.tmp.bin", 0,
+                  "MNIST test accuracy");
+    check_command("train 3 steps then stop", "./train " FT_FLAGS " --save-every 3 --stop-after 3 --out test_b.tmp.bin",
+                  0, "stopped after step 3");
+    check_command("resume for 3 more steps", "./train " FT_FLAGS " --save-every 3 --resume test_b.tmp.bin --out test_b.tmp.bin",
+                  0, "resuming from 'test_b.tmp.bin' at step 3");
+    check_true("resume gives bit-identical parameters", same_file("test_a.tmp.bin", "test_b.tmp.bin"),
+               "6 straight steps and 3 + 3 resumed steps give the same checkpoint file");
+    check_command("resume from a file without state rejected",
+                  "./train " FT_FLAGS " --resume data/pretrained.bin --out test_c.tmp.bin", 1,
+                  "holds no training state; --resume needs a file written with --save-every");
+    remove("test_a.tmp.bin");
+    remove("test_b.tmp.bin");
+}
+
+static void test_driver_threads(void)
+{
+    check_command("train with 1 thread", "./train " FT_FLAGS " --threads 1 --out test_t1.tmp.bin", 0, "MNIST test accuracy");
+    check_command("train with 2 threads", "./train " FT_FLAGS " --threads 2 --out test_t2.tmp.bin", 0, "MNIST test accuracy");
+    check_true("1 and 2 threads give identical parameters", same_file("test_t1.tmp.bin", "test_t2.tmp.bin"),
+               "checkpoints after 6 StochCA steps are equal byte for byte");
+    remove("test_t1.tmp.bin");
+    remove("test_t2.tmp.bin");
+}
+
+/* A pretrained model whose patch projection overflows float makes the
+   loss NaN at step 1; training stops and a good file at --out survives. */
+static void test_driver_nan(void)
+{
+    size_t size, i;
+    unsigned char *bytes = read_bytes("data/pretrained.bin", &size);
+    const unsigned char huge[4] = {0xe6, 0xb1, 0x61, 0x7f};  /* 3e38f, little-endian: sums overflow to inf */
+    const size_t conv_proj = 64 + 4 * 64;                     /* after the header and class_token (D 64) */
+    for (i = 0; i < 64 * 49; i++)
+        memcpy(bytes + conv_proj + 4 * i, huge, 4);
+    write_bytes("test_overflow.tmp.bin", bytes, size);
+    free(bytes);
+    run("./train " FT_FLAGS " --save-every 3 --stop-after 3 --out test_good.tmp.bin");
+    bytes = read_bytes("test_good.tmp.bin", &size);
+    check_command("NaN loss stops training", "./train " FT_FLAGS " --checkpoint test_overflow.tmp.bin --save-every 1 --out test_good.tmp.bin",
+                  1, "train: step 1: the loss is not finite");
+    {
+        size_t after_size;
+        unsigned char *after = read_bytes("test_good.tmp.bin", &after_size);
+        check_true("NaN loss keeps the last good file", after_size == size && memcmp(after, bytes, size) == 0,
+                   "the file at --out is unchanged");
+        free(after);
+    }
+    free(bytes);
+    remove("test_overflow.tmp.bin");
+    remove("test_good.tmp.bin");
+}
+
 int main(void)
 {
     stochca_rng rng;
     stochca_rng_seed(&rng, 42);
+#ifdef _OPENMP
+    /* The tiny kernels here run faster on one thread; the driver tests
+       compare 1 and 2 threads separately. */
+    omp_set_num_threads(1);
+#endif
 
     test_linear(&rng);
     test_embed(&rng);
@@ -714,6 +1189,17 @@ int main(void)
     test_adamw(&rng);
     test_schedule();
     test_l2sp(&rng);
+    test_tensor_table();
+    test_config_validation();
+    test_checkpoints(&rng);
+    test_idx();
+    test_allocation_failures();
+    test_driver_flags();
+    test_driver_other_shape(&rng);
+    test_driver_resume();
+    test_driver_threads();
+    test_driver_nan();
+    remove(OUTPUT_FILE);
 
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed ? 1 : 0;

@@ -270,6 +270,9 @@ typedef struct {
     const char *data_dir;
     const char *checkpoint; /* pretrained checkpoint to start from */
     const char *out;        /* where to save the trained model, or NULL */
+    const char *resume;     /* training state to continue from, or NULL */
+    long save_every;        /* save the training state to out every N steps (0: never) */
+    long stop_after;        /* stop after this step, as if interrupted (0: never) */
 } options;
 
 static options default_options(int pretraining)
@@ -330,7 +333,12 @@ static void print_usage(FILE *f)
         "  --seed S         seed of the subset, data order, initialization and draws (default 0)\n"
         "  --threads N      OpenMP threads (default: all cores)\n"
         "  --data DIR       folder of the IDX files (default data)\n"
-        "  --out F          save the trained model to F (pretraining default pretrained.bin)\n");
+        "  --out F          save the trained model to F (pretraining default pretrained.bin)\n"
+        "  --save-every N   also save the training state (AdamW moments, step, random\n"
+        "                   generator) to --out every N steps, so a run can be resumed\n"
+        "  --resume F       continue from the training state in F; give the other flags\n"
+        "                   exactly as in the interrupted run\n"
+        "  --stop-after N   stop after step N as if interrupted (to test --resume)\n");
 }
 
 static int parse_double(const char *flag, const char *text, double low, double high, int low_open, double *out)
@@ -413,6 +421,9 @@ static int parse_flag(options *o, const char *flag, const char *value)
     if (!strcmp(flag, "--data")) { o->data_dir = value; return 1; }
     if (!strcmp(flag, "--checkpoint")) { o->checkpoint = value; return 1; }
     if (!strcmp(flag, "--out")) { o->out = value; return 1; }
+    if (!strcmp(flag, "--resume")) { o->resume = value; return 1; }
+    if (!strcmp(flag, "--save-every")) return parse_long(flag, value, 1, 100000000L, &o->save_every);
+    if (!strcmp(flag, "--stop-after")) return parse_long(flag, value, 1, 100000000L, &o->stop_after);
     fprintf(stderr, "train: unknown flag '%s'\n\n", flag);
     print_usage(stderr);
     return 0;
@@ -424,6 +435,10 @@ static int parse_options(options *o, int argc, char **argv)
     for (i = 0; i < argc; i += 2)
         if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
             return 0;
+    if (o->save_every > 0 && !o->out) {
+        fprintf(stderr, "train: --save-every needs --out, the file to save the training state to\n");
+        return 0;
+    }
     return 1;
 }
 
@@ -532,9 +547,10 @@ static int train_step(stochca_model *m, stochca_model *pretrained, const options
     }
     grad_norm = stochca_grad_norm(m);
     if (!isfinite(m->loss) || !isfinite(grad_norm)) {
-        fprintf(stderr, "\ntrain: step %ld: the %s is not finite (loss %g, gradient norm %g); training "
-                "stopped and nothing was saved. Try a lower --lr (now %g).\n", step + 1,
-                isfinite(m->loss) ? "gradient" : "loss", (double)m->loss, grad_norm, o->lr);
+        fprintf(stderr, "\ntrain: step %ld: the %s is not finite (loss %g, gradient norm %g). Training "
+                "stopped before the update; %s. Try a lower --lr (now %g).\n", step + 1,
+                isfinite(m->loss) ? "gradient" : "loss", (double)m->loss, grad_norm,
+                o->save_every > 0 ? "the last saved training state is kept" : "nothing was saved", o->lr);
         return 0;
     }
     opt.lr = stochca_cosine_lr((float)o->lr, step, warmup, total);
@@ -545,8 +561,38 @@ static int train_step(stochca_model *m, stochca_model *pretrained, const options
     return 1;
 }
 
+/* Saves m with its AdamW moments and the generator of the Bernoulli draws. */
+static int save_state(const stochca_model *m, const stochca_rng *rng, const char *path)
+{
+    stochca_error err;
+    if (stochca_checkpoint_save(m, rng, path, 1, &err) == STOCHCA_OK)
+        return 1;
+    fprintf(stderr, "\ntrain: %s\n", err.message);
+    return 0;
+}
+
+/* Loads the training state of an interrupted run into m and rng. */
+static int resume_state(stochca_model *m, stochca_rng *rng, const char *path)
+{
+    stochca_error err;
+    if (stochca_checkpoint_load(m, rng, path, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        return 0;
+    }
+    if (m->adam_step == 0) {
+        fprintf(stderr, "train: '%s' holds no training state; --resume needs a file written with "
+                "--save-every\n", path);
+        return 0;
+    }
+    fprintf(stderr, "resuming from '%s' at step %ld\n", path, m->adam_step);
+    return 1;
+}
+
+enum { TRAIN_FAILED = 0, TRAIN_DONE = 1, TRAIN_STOPPED = 2 };
+
 /* Trains m on d as options o say. pretrained is needed for StochCA and
-   L2-SP and may be NULL otherwise. Returns 0 after printing a message. */
+   L2-SP and may be NULL otherwise. Returns TRAIN_DONE, TRAIN_STOPPED
+   (--stop-after) or TRAIN_FAILED after printing a message. */
 static int train_model(stochca_model *m, stochca_model *pretrained, const dataset *d, const options *o,
                        const char *label)
 {
@@ -558,31 +604,40 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
     stochca_rng rng;
     stochca_error err;
     double start = now_seconds(), last_print = start, window_loss = 0;
-    long step, window_steps = 0, window_images = 0, window_correct = 0;
-    int ok = 1, b;
+    long step = 0, first_step, window_steps = 0, window_images = 0, window_correct = 0;
+    int result = TRAIN_DONE, b;
 
     memset(&buf, 0, sizeof buf);
     if (o->method != METHOD_FT && !pretrained) {
         fprintf(stderr, "train: --method %s needs a pretrained model\n", method_names[o->method]);
-        return 0;
+        return TRAIN_FAILED;
     }
     if (stochca_model_reserve(m, B, 1, &err) != STOCHCA_OK ||
         (pretrained && stochca_model_reserve(pretrained, B, 0, &err) != STOCHCA_OK)) {
         fprintf(stderr, "train: %s\n", err.message);
-        return 0;
+        return TRAIN_FAILED;
     }
-    if (!alloc_buffers(&buf, d->count, B, d->rows))
-        return 0;
     stochca_rng_seed(&rng, (uint64_t)o->seed);
-    for (step = 0; step < total && ok; step++) {
+    if (o->resume && !resume_state(m, &rng, o->resume))
+        return TRAIN_FAILED;
+    if (!alloc_buffers(&buf, d->count, B, d->rows))
+        return TRAIN_FAILED;
+
+    /* The image order of an epoch depends only on (seed, epoch), so a
+       resumed run recomputes it instead of storing it. */
+    first_step = m->adam_step;
+    if (first_step > 0 && first_step < total)
+        epoch_order(buf.order, d->count, (uint64_t)o->seed, first_step / steps_per_epoch);
+    for (step = first_step; step < total; step++) {
         const long position = step % steps_per_epoch;
         double now;
         if (position == 0)
             epoch_order(buf.order, d->count, (uint64_t)o->seed, step / steps_per_epoch);
         fill_batch(d, buf.order + position * B, B, buf.images, buf.labels);
-        ok = train_step(m, pretrained, o, &rng, &buf, B, step, total, warmup);
-        if (!ok)
+        if (!train_step(m, pretrained, o, &rng, &buf, B, step, total, warmup)) {
+            result = TRAIN_FAILED;
             break;
+        }
 
         /* Loss and accuracy are averaged over the steps since the last line. */
         for (b = 0; b < B; b++)
@@ -594,17 +649,28 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
         now = now_seconds();
         if (now - last_print > 1.0 || step + 1 == total) {
             print_progress(label, step + 1, total, window_loss / window_steps,
-                           100.0 * window_correct / window_images, (double)(step + 1) * B / (now - start),
-                           now - start);
+                           100.0 * window_correct / window_images,
+                           (double)(step + 1 - first_step) * B / (now - start), now - start);
             last_print = now;
             window_loss = 0;
             window_steps = window_images = window_correct = 0;
         }
+
+        if (o->save_every > 0 && ((step + 1) % o->save_every == 0 || step + 1 == total) &&
+            !save_state(m, &rng, o->out)) {
+            result = TRAIN_FAILED;
+            break;
+        }
+        if (o->stop_after > 0 && step + 1 == o->stop_after && step + 1 < total) {
+            result = TRAIN_STOPPED;
+            break;
+        }
     }
-    if (ok)
-        fprintf(stderr, "\n");
+    fprintf(stderr, "\n");
+    if (result == TRAIN_STOPPED)
+        fprintf(stderr, "stopped after step %ld; continue with --resume %s\n", step + 1, o->out ? o->out : "FILE");
     free_buffers(&buf);
-    return ok;
+    return result;
 }
 
 /* ---------------------------------------------------------------------------
@@ -681,10 +747,13 @@ static int cmd_pretrain(const options *o)
         stochca_rng_seed(&rng, (uint64_t)o->seed);
         stochca_model_init_random(&m, &rng);
         fprintf(stderr, "pretraining on %d Fashion-MNIST images, %zu parameters\n", train.count, m.num_params);
-        if (train_model(&m, NULL, &train, o, "pretrain") && (accuracy = test_accuracy(&m, &test)) >= 0) {
+        ok = train_model(&m, NULL, &train, o, "pretrain");
+        if (ok == TRAIN_DONE && (accuracy = test_accuracy(&m, &test)) >= 0) {
             printf("Fashion-MNIST test accuracy: %.2f%% (%d images, %.0f s)\n", accuracy, test.count,
                    now_seconds() - start);
-            ok = save_model(&m, o->out);
+            ok = o->save_every > 0 || save_model(&m, o->out);
+        } else if (ok == TRAIN_DONE) {
+            ok = 0;
         }
     }
     stochca_model_free(&m);
@@ -715,23 +784,30 @@ static int load_pretrained(stochca_model *pre, const char *path, int image_size)
     return 1;
 }
 
-/* Fine-tunes the pretrained checkpoint on MNIST. Writes the test accuracy
-   (percent), the training images used and the seconds taken. */
-static int run_finetune(const options *o, double *accuracy, int *train_images, double *seconds)
+/* Outcome of one fine-tuning run. */
+typedef struct {
+    double accuracy;    /* MNIST test accuracy in percent */
+    int train_images;
+    double seconds;
+} run_result;
+
+/* Fine-tunes the pretrained checkpoint on MNIST. Returns TRAIN_DONE with
+   *result filled in, TRAIN_STOPPED or TRAIN_FAILED. */
+static int run_finetune(const options *o, run_result *result)
 {
     dataset full, train, test;
     stochca_model pre, target;
     stochca_error err;
     const char *name = method_names[o->method];
     double start = now_seconds();
-    int ok = 0;
+    int status = TRAIN_FAILED;
 
     memset(&pre, 0, sizeof pre);
     memset(&target, 0, sizeof target);
     memset(&train, 0, sizeof train);
     memset(&test, 0, sizeof test);
     if (!load_split(&full, o->data_dir, "mnist", "train", 28))
-        return 0;
+        return TRAIN_FAILED;
     if (!load_split(&test, o->data_dir, "mnist", "test", 28) || !load_pretrained(&pre, o->checkpoint, 28))
         goto done;
     if (!make_subset(&full, o->ratio, (uint64_t)o->seed, &train)) {
@@ -744,30 +820,38 @@ static int run_finetune(const options *o, double *accuracy, int *train_images, d
     }
     fprintf(stderr, "fine-tuning with %s on %d MNIST images (ratio %g, seed %ld)\n", name, train.count, o->ratio,
             o->seed);
-    if (!train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name))
+    status = train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name);
+    if (status != TRAIN_DONE)
         goto done;
-    *accuracy = test_accuracy(&target, &test);
-    *train_images = train.count;
-    *seconds = now_seconds() - start;
-    ok = *accuracy >= 0 && save_model(&target, o->out);
+    result->accuracy = test_accuracy(&target, &test);
+    result->train_images = train.count;
+    result->seconds = now_seconds() - start;
+    /* With --save-every, the training state at --out is already the final model. */
+    if (result->accuracy < 0 || (o->save_every == 0 && !save_model(&target, o->out)))
+        status = TRAIN_FAILED;
 done:
     stochca_model_free(&pre);
     stochca_model_free(&target);
     free_dataset(&full);
     free_dataset(&train);
     free_dataset(&test);
-    return ok;
+    return status;
+}
+
+static int uses_stochca(method_kind method)
+{
+    return method == METHOD_STOCHCA || method == METHOD_STOCHCA_L2SP;
 }
 
 static int cmd_finetune(const options *o)
 {
-    double accuracy, seconds;
-    int images;
-    if (!run_finetune(o, &accuracy, &images, &seconds))
-        return 0;
+    run_result r;
+    int status = run_finetune(o, &r);
+    if (status != TRAIN_DONE)
+        return status == TRAIN_STOPPED;
     printf("%s p=%g ratio=%g seed=%ld: MNIST test accuracy %.2f%% (%d training images, %.0f s)\n",
-           method_names[o->method], o->method == METHOD_STOCHCA || o->method == METHOD_STOCHCA_L2SP ? o->p : 0.0,
-           o->ratio, o->seed, accuracy, images, seconds);
+           method_names[o->method], uses_stochca(o->method) ? o->p : 0.0, o->ratio, o->seed, r.accuracy,
+           r.train_images, r.seconds);
     return 1;
 }
 
@@ -775,20 +859,20 @@ static int cmd_finetune(const options *o)
 static int cmd_main_job(options o)
 {
     const method_kind methods[2] = {METHOD_FT, METHOD_STOCHCA};
-    double accuracy[2], seconds[2];
-    int images[2], i;
+    run_result r[2];
+    int i;
     o.ratio = 0.15;
     for (i = 0; i < 2; i++) {
         o.method = methods[i];
-        if (!run_finetune(&o, &accuracy[i], &images[i], &seconds[i]))
+        if (run_finetune(&o, &r[i]) != TRAIN_DONE)
             return 0;
     }
     printf("\nMNIST, %d training images (15%% of the split), %ld epochs, seed %ld, checkpoint %s\n",
-           images[0], o.epochs, o.seed, o.checkpoint);
+           r[0].train_images, o.epochs, o.seed, o.checkpoint);
     printf("%-10s %-6s %-14s %s\n", "method", "p", "test accuracy", "time");
     for (i = 0; i < 2; i++)
-        printf("%-10s %-6.2f %6.2f%%        %.0f s\n", method_names[methods[i]], i ? o.p : 0.0, accuracy[i],
-               seconds[i]);
+        printf("%-10s %-6.2f %6.2f%%        %.0f s\n", method_names[methods[i]], uses_stochca(methods[i]) ? o.p : 0.0,
+               r[i].accuracy, r[i].seconds);
     return 1;
 }
 
