@@ -28,6 +28,38 @@
        STOCHCA_MALLOC(n) and STOCHCA_FREE(p)
                           replace malloc and free. Define both or neither.
 
+   EXAMPLE: one StochCA training step and an evaluation (error checks
+   shortened; every function that returns int returns 0 on success)
+
+     static stochca_model pre, target;          zero-initialized
+     stochca_config config;
+     stochca_error err;
+     stochca_rng rng;
+     stochca_kv kv;
+     stochca_adamw opt = stochca_adamw_default();
+     unsigned char cross[STOCHCA_MAX_DEPTH];
+
+     if (stochca_checkpoint_read_config("pretrained.bin", &config, &err) ||
+         stochca_model_init(&pre, &config, &err) ||
+         stochca_checkpoint_load(&pre, NULL, "pretrained.bin", &err) ||
+         stochca_model_init_transfer(&target, &pre, 10, &err) ||
+         stochca_model_reserve(&pre, B, 0, &err) ||
+         stochca_model_reserve(&target, B, 1, &err))
+         fail(err.message);
+     stochca_rng_seed(&rng, 1);
+
+     stochca_draw_cross(&rng, 0.1f, config.depth, cross);   beta_l ~ Bernoulli(0.1)
+     stochca_pretrained_kv(&pre, images, B, &kv, &err);      K0, V0 of every block
+     stochca_forward(&target, images, labels, B, cross, &kv, &err);
+     stochca_zero_grad(&target);
+     stochca_backward(&target, &err);
+     stochca_adamw_update(&target, &opt);
+
+     stochca_forward(&target, images, NULL, B, NULL, NULL, &err);  evaluation
+     ... target.acts.logits holds (B,K) logits ...
+     stochca_model_free(&pre);
+     stochca_model_free(&target);
+
    SHAPE LETTERS
 
      B images in a batch        C image channels       S image side (pixels)
@@ -329,14 +361,17 @@ STOCHCA_API void stochca_layernorm_backward(stochca_real *dinp, stochca_real *dw
                                             int R, int D);
 /* Multi-head attention. Query rows q (B,T,D) are q_stride apart; key and
    value rows (B,T,D) are kv_stride apart and may come from another model.
-   out (B,T,D) concatenates the heads; probs (B,H,T,T) is kept for backward. */
-STOCHCA_API void stochca_attention_forward(stochca_real *out, stochca_real *probs,
+   out (B,T,D) concatenates the heads; probs (B,H,T,T) is kept for backward.
+   scratch (B,T,D) is overwritten. */
+STOCHCA_API void stochca_attention_forward(stochca_real *out, stochca_real *probs, stochca_real *scratch,
                                            const stochca_real *q, int q_stride,
                                            const stochca_real *k, const stochca_real *v, int kv_stride,
                                            int B, int T, int D, int H);
-/* dprobs (B,H,T,T) is scratch. dk and dv may be NULL (frozen keys and values). */
+/* dprobs (B,H,T,T) and scratch (B,T,D) are overwritten. dk and dv may be
+   NULL (frozen keys and values). */
 STOCHCA_API void stochca_attention_backward(stochca_real *dq, stochca_real *dk, stochca_real *dv,
-                                            stochca_real *dprobs, const stochca_real *dout,
+                                            stochca_real *dprobs, stochca_real *scratch,
+                                            const stochca_real *dout,
                                             const stochca_real *probs,
                                             const stochca_real *q, int q_stride,
                                             const stochca_real *k, const stochca_real *v, int kv_stride,
@@ -456,6 +491,15 @@ STOCHCA_API double stochca_rng_normal(stochca_rng *rng);
 #define STOCHCA__OMP(x) _Pragma(#x)
 #else
 #define STOCHCA__OMP(x)
+#endif
+
+/* GCC vectorizes a kernel much worse once it is inlined into the function
+   that OpenMP outlines for a parallel loop (measured 8x slower for the
+   matrix multiply), so the kernels called from parallel loops stay out of line. */
+#if defined(__GNUC__) || defined(__clang__)
+#define STOCHCA__NOINLINE __attribute__((noinline))
+#else
+#define STOCHCA__NOINLINE
 #endif
 
 #ifdef STOCHCA_DOUBLE
@@ -719,10 +763,12 @@ static void stochca__layout_acts(const stochca_config *c, int B, stochca__arena 
     acts->losses = stochca__take(a, b, 1, 1, 1);
 }
 
-/* Largest weight matrix of the model, the size of the transpose scratch. */
-static size_t stochca__max_weight(const stochca_config *c)
+/* Size of the scratch buffer: the largest weight matrix, which the linear
+   forward transposes, or a batch of (B,T,D) for attention. */
+static size_t stochca__scratch_size(const stochca_config *c, int B)
 {
-    size_t d = (size_t)c->dim, best = 3 * d * d;
+    size_t d = (size_t)c->dim, best = (size_t)B * (size_t)stochca_num_tokens(c) * d;
+    if (3 * d * d > best) best = 3 * d * d;
     size_t patch = (size_t)c->channels * (size_t)c->patch_size * (size_t)c->patch_size;
     if ((size_t)c->mlp_dim * d > best) best = (size_t)c->mlp_dim * d;
     if ((size_t)c->classes * d > best) best = (size_t)c->classes * d;
@@ -804,7 +850,7 @@ STOCHCA_API int stochca_model_reserve(stochca_model *m, int batch_capacity, int 
     m->num_acts = arena.used;
     m->batch_capacity = batch_capacity;
     m->act_memory = stochca__alloc(m->num_acts);
-    m->scratch = stochca__alloc(stochca__max_weight(&m->config));
+    m->scratch = stochca__alloc(stochca__scratch_size(&m->config, batch_capacity));
     m->labels = (int *)STOCHCA_MALLOC((size_t)batch_capacity * sizeof(int));
     if (!m->act_memory || !m->scratch || !m->labels) {
         stochca__free_buffers(m);
@@ -951,104 +997,167 @@ STOCHCA_API void stochca_patchify(stochca_real *patches, const stochca_real *ima
 }
 
 /* ---------------------------------------------------------------------------
-   Linear layer. Forward transposes w once so that the inner loop is a
-   contiguous multiply-add over outputs, which compilers vectorize without
-   -ffast-math. Four rows share each load of a weight row. Every output is
-   summed over i in increasing order, whatever the thread count. */
+   Matrix multiply, the kernel under the linear layers and attention.
 
-#define STOCHCA__ROWS 4
+   C (M,N) += A (M,K) B (K,N). B and C are row-major with row strides ldb
+   and ldc. Element (m,k) of A is A[m*a_row + k*a_col], so (a_row, a_col) =
+   (lda, 1) reads A as stored and (1, lda) reads it transposed, which gives
+   dW = dout^T x without a copy. The work is cut into tiles of 4 rows by 16
+   columns whose sums stay in local arrays that compilers keep in vector
+   registers. Every element of C adds its K products in increasing k,
+   starting from its old value, so the result does not depend on the tiling
+   or on the thread count. */
 
-/* out rows r0..r0+rows-1, rows <= STOCHCA__ROWS. */
-static void stochca__linear_rows(stochca_real *out, const stochca_real *inp, const stochca_real *wt,
-                                 const stochca_real *bias, int r0, int rows, int I, int O)
+#define STOCHCA__TILE_M 4
+#define STOCHCA__TILE_N 16
+
+/* Shape and strides of one multiply. */
+typedef struct {
+    const stochca_real *A;
+    const stochca_real *B;
+    stochca_real *C;
+    size_t a_row, a_col;
+    int ldb, ldc;
+    int M, K, N;
+} stochca__matmul_args;
+
+/* One full 4x16 tile at row m0, column n0. The four rows of sums are
+   separate arrays and the column loop is innermost, so it compiles to
+   vector multiply-adds. */
+static void stochca__matmul_tile(const stochca__matmul_args *g, int m0, int n0)
 {
-    stochca_real *y[STOCHCA__ROWS];
-    const stochca_real *x[STOCHCA__ROWS];
-    int k, i, o;
-    for (k = 0; k < STOCHCA__ROWS; k++) {
-        /* Rows past the end repeat the last row, so the loop stays branch-free. */
-        int r = r0 + (k < rows ? k : rows - 1);
-        y[k] = out + (size_t)r * O;
-        x[k] = inp + (size_t)r * I;
+    stochca_real acc0[STOCHCA__TILE_N], acc1[STOCHCA__TILE_N], acc2[STOCHCA__TILE_N], acc3[STOCHCA__TILE_N];
+    const stochca_real *a = g->A + (size_t)m0 * g->a_row;
+    const size_t a_row = g->a_row, a_col = g->a_col, ldb = (size_t)g->ldb, ldc = (size_t)g->ldc;
+    stochca_real *c = g->C + (size_t)m0 * ldc + n0;
+    const int K = g->K;
+    int n, k;
+    for (n = 0; n < STOCHCA__TILE_N; n++) {
+        acc0[n] = c[n];
+        acc1[n] = c[ldc + n];
+        acc2[n] = c[2 * ldc + n];
+        acc3[n] = c[3 * ldc + n];
     }
-    for (k = 0; k < rows; k++)
-        for (o = 0; o < O; o++)
-            y[k][o] = bias ? bias[o] : 0;
-    if (rows < STOCHCA__ROWS) {
-        for (k = 0; k < rows; k++)
-            for (i = 0; i < I; i++) {
-                const stochca_real xi = x[k][i], *wrow = wt + (size_t)i * O;
-                for (o = 0; o < O; o++)
-                    y[k][o] += xi * wrow[o];
-            }
-        return;
-    }
-    for (i = 0; i < I; i++) {
-        const stochca_real x0 = x[0][i], x1 = x[1][i], x2 = x[2][i], x3 = x[3][i];
-        const stochca_real *wrow = wt + (size_t)i * O;
-        stochca_real *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
-        for (o = 0; o < O; o++) {
-            const stochca_real w = wrow[o];
-            y0[o] += x0 * w;
-            y1[o] += x1 * w;
-            y2[o] += x2 * w;
-            y3[o] += x3 * w;
+    for (k = 0; k < K; k++) {
+        const stochca_real *b = g->B + (size_t)k * ldb + n0;
+        const stochca_real a0 = a[k * a_col], a1 = a[a_row + k * a_col];
+        const stochca_real a2 = a[2 * a_row + k * a_col], a3 = a[3 * a_row + k * a_col];
+        for (n = 0; n < STOCHCA__TILE_N; n++) {
+            acc0[n] += a0 * b[n];
+            acc1[n] += a1 * b[n];
+            acc2[n] += a2 * b[n];
+            acc3[n] += a3 * b[n];
         }
+    }
+    for (n = 0; n < STOCHCA__TILE_N; n++) {
+        c[n] = acc0[n];
+        c[ldc + n] = acc1[n];
+        c[2 * ldc + n] = acc2[n];
+        c[3 * ldc + n] = acc3[n];
     }
 }
 
+/* A partial tile at the bottom or right edge, with the same order of sums. */
+static void stochca__matmul_edge(const stochca__matmul_args *g, int m0, int n0, int rows, int cols)
+{
+    int m, n, k;
+    for (m = m0; m < m0 + rows; m++)
+        for (n = n0; n < n0 + cols; n++) {
+            stochca_real *c = g->C + (size_t)m * g->ldc + n;
+            stochca_real sum = *c;
+            for (k = 0; k < g->K; k++)
+                sum += g->A[m * g->a_row + k * g->a_col] * g->B[(size_t)k * g->ldb + n];
+            *c = sum;
+        }
+}
+
+/* The rows [m0, m0 + 4) of C, or fewer at the bottom edge. */
+static STOCHCA__NOINLINE void stochca__matmul_rows(const stochca__matmul_args *g, int m0)
+{
+    const int rows = g->M - m0 < STOCHCA__TILE_M ? g->M - m0 : STOCHCA__TILE_M;
+    int n0;
+    for (n0 = 0; n0 < g->N; n0 += STOCHCA__TILE_N) {
+        const int cols = g->N - n0 < STOCHCA__TILE_N ? g->N - n0 : STOCHCA__TILE_N;
+        if (rows == STOCHCA__TILE_M && cols == STOCHCA__TILE_N)
+            stochca__matmul_tile(g, m0, n0);
+        else
+            stochca__matmul_edge(g, m0, n0, rows, cols);
+    }
+}
+
+/* parallel = 0 for callers that already run in parallel. Otherwise the row
+   tiles, which no two threads share, are split over threads. */
+static void stochca__matmul(const stochca__matmul_args *g, int parallel)
+{
+    const int tiles = (g->M + STOCHCA__TILE_M - 1) / STOCHCA__TILE_M;
+    int t;
+    if (!parallel) {
+        for (t = 0; t < tiles; t++)
+            stochca__matmul_rows(g, t * STOCHCA__TILE_M);
+        return;
+    }
+    STOCHCA__OMP(omp parallel for schedule(static))
+    for (t = 0; t < tiles; t++)
+        stochca__matmul_rows(g, t * STOCHCA__TILE_M);
+}
+
+/* Fills the arguments of C (M,N) += A (M,K) B (K,N); see above for a_row, a_col. */
+static stochca__matmul_args stochca__mm(stochca_real *C, int ldc, const stochca_real *A, size_t a_row,
+                                        size_t a_col, const stochca_real *B, int ldb, int M, int K, int N)
+{
+    stochca__matmul_args g;
+    g.A = A;
+    g.B = B;
+    g.C = C;
+    g.a_row = a_row;
+    g.a_col = a_col;
+    g.ldb = ldb;
+    g.ldc = ldc;
+    g.M = M;
+    g.K = K;
+    g.N = N;
+    return g;
+}
+
+/* ---------------------------------------------------------------------------
+   Linear layer */
+
+/* out = inp w^T + bias. w (O,I) is transposed into scratch (I,O) first, so
+   that the matrix multiply reads both operands along rows. */
 STOCHCA_API void stochca_linear_forward(stochca_real *out, const stochca_real *inp,
                                         const stochca_real *w, const stochca_real *bias,
                                         stochca_real *scratch, int R, int I, int O)
 {
-    stochca_real *wt = scratch; /* (I,O) */
     int r, o, i;
     for (o = 0; o < O; o++)
         for (i = 0; i < I; i++)
-            wt[(size_t)i * O + o] = w[(size_t)o * I + i];
-
-    STOCHCA__OMP(omp parallel for schedule(static))
-    for (r = 0; r < R; r += STOCHCA__ROWS) {
-        int rows = R - r < STOCHCA__ROWS ? R - r : STOCHCA__ROWS;
-        stochca__linear_rows(out, inp, wt, bias, r, rows, I, O);
+            scratch[(size_t)i * O + o] = w[(size_t)o * I + i];
+    for (r = 0; r < R; r++)
+        for (o = 0; o < O; o++)
+            out[(size_t)r * O + o] = bias ? bias[o] : 0;
+    {
+        stochca__matmul_args g = stochca__mm(out, O, inp, (size_t)I, 1, scratch, O, R, I, O);
+        stochca__matmul(&g, 1);
     }
 }
 
 /* Forward: out[r,o] = sum_i inp[r,i] w[o,i] + bias[o].
-   dinp[r,i] += sum_o dout[r,o] w[o,i];  dw[o,i] += sum_r dout[r,o] inp[r,i];
+   dinp (R,I) += dout (R,O) w (O,I);  dw (O,I) += dout^T (O,R) inp (R,I);
    dbias[o] += sum_r dout[r,o]. */
 STOCHCA_API void stochca_linear_backward(stochca_real *dinp, stochca_real *dw, stochca_real *dbias,
                                          const stochca_real *dout, const stochca_real *inp,
                                          const stochca_real *w, int R, int I, int O)
 {
-    int r, o, i;
-    if (dinp) {
-        STOCHCA__OMP(omp parallel for private(o, i))
-        for (r = 0; r < R; r++) {
-            stochca_real *dx = dinp + (size_t)r * I;
-            const stochca_real *dy = dout + (size_t)r * O;
-            for (o = 0; o < O; o++) {
-                const stochca_real g = dy[o];
-                const stochca_real *wrow = w + (size_t)o * I;
-                for (i = 0; i < I; i++)
-                    dx[i] += g * wrow[i];
-            }
-        }
-    }
-    STOCHCA__OMP(omp parallel for private(r, i))
-    for (o = 0; o < O; o++) {
-        stochca_real *dwrow = dw + (size_t)o * I;
-        stochca_real db = 0;
-        for (r = 0; r < R; r++) {
-            const stochca_real g = dout[(size_t)r * O + o];
-            const stochca_real *x = inp + (size_t)r * I;
-            db += g;
-            for (i = 0; i < I; i++)
-                dwrow[i] += g * x[i];
-        }
-        if (dbias)
-            dbias[o] += db;
-    }
+    stochca__matmul_args input_grad = stochca__mm(dinp, I, dout, (size_t)O, 1, w, I, R, O, I);
+    stochca__matmul_args weight_grad = stochca__mm(dw, I, dout, 1, (size_t)O, inp, I, O, R, I);
+    int r, o;
+    if (dinp)
+        stochca__matmul(&input_grad, 1);
+    stochca__matmul(&weight_grad, 1);
+    if (dbias)
+        for (r = 0; r < R; r++)
+            for (o = 0; o < O; o++)
+                dbias[o] += dout[(size_t)r * O + o];
 }
 
 /* ---------------------------------------------------------------------------
@@ -1158,108 +1267,135 @@ STOCHCA_API void stochca_layernorm_backward(stochca_real *dinp, stochca_real *dw
    In a cross-attention block K and V are the pretrained model's K0 and V0;
    the kernel does not care where its rows come from. */
 
-STOCHCA_API void stochca_attention_forward(stochca_real *out, stochca_real *probs,
+/* Copies the rows (T, d) of one head, row_stride apart, into t (d, T). */
+static void stochca__transpose_head(stochca_real *t, const stochca_real *rows, int row_stride, int T, int hd)
+{
+    int j, c;
+    for (j = 0; j < T; j++)
+        for (c = 0; c < hd; c++)
+            t[(size_t)c * T + j] = rows[(size_t)j * row_stride + c];
+}
+
+/* The softmax of each row of the scores (T,T), in place, after scaling. */
+static void stochca__softmax_rows(stochca_real *p, int T, stochca_real scale)
+{
+    int i, j;
+    for (i = 0; i < T; i++, p += T) {
+        stochca_real max_score, sum = 0;
+        for (j = 0; j < T; j++)
+            p[j] *= scale;
+        /* Subtract the row maximum so exp never overflows. */
+        max_score = p[0];
+        for (j = 1; j < T; j++)
+            if (p[j] > max_score) max_score = p[j];
+        for (j = 0; j < T; j++) {
+            p[j] = STOCHCA__EXP(p[j] - max_score);
+            sum += p[j];
+        }
+        for (j = 0; j < T; j++)
+            p[j] /= sum;
+    }
+}
+
+/* One (image, head) pair: scores = Q K^T, probabilities, out = P V. */
+static STOCHCA__NOINLINE void stochca__attention_head_forward(stochca_real *out, stochca_real *probs,
+                                                              stochca_real *kt, const stochca_real *q, int q_stride,
+                                                              const stochca_real *k, const stochca_real *v,
+                                                              int kv_stride, int T, int D, int hd)
+{
+    stochca__matmul_args scores = stochca__mm(probs, T, q, (size_t)q_stride, 1, kt, T, T, hd, T);
+    stochca__matmul_args values = stochca__mm(out, D, probs, (size_t)T, 1, v, kv_stride, T, T, hd);
+    int i, c;
+
+    stochca__transpose_head(kt, k, kv_stride, T, hd);
+    memset(probs, 0, (size_t)T * T * sizeof(stochca_real));
+    stochca__matmul(&scores, 0);
+    stochca__softmax_rows(probs, T, 1 / STOCHCA__SQRT((stochca_real)hd));
+
+    for (i = 0; i < T; i++)
+        for (c = 0; c < hd; c++)
+            out[(size_t)i * D + c] = 0;
+    stochca__matmul(&values, 0);
+}
+
+/* scratch (B,H,d,T) holds each head's keys transposed. */
+STOCHCA_API void stochca_attention_forward(stochca_real *out, stochca_real *probs, stochca_real *scratch,
                                            const stochca_real *q, int q_stride,
                                            const stochca_real *k, const stochca_real *v, int kv_stride,
                                            int B, int T, int D, int H)
 {
     const int hd = D / H;
-    const stochca_real scale = 1 / STOCHCA__SQRT((stochca_real)hd);
     int bh;
-    STOCHCA__OMP(omp parallel for)
+    STOCHCA__OMP(omp parallel for schedule(static))
     for (bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
-        const stochca_real *qb = q + (size_t)b * T * q_stride + h * hd;
-        const stochca_real *kb = k + (size_t)b * T * kv_stride + h * hd;
-        const stochca_real *vb = v + (size_t)b * T * kv_stride + h * hd;
-        int i, j, c;
-        for (i = 0; i < T; i++) {
-            const stochca_real *qi = qb + (size_t)i * q_stride;
-            stochca_real *p = probs + ((size_t)bh * T + i) * T;
-            stochca_real *o = out + ((size_t)b * T + i) * D + h * hd;
-            stochca_real max_score, sum = 0;
-
-            for (j = 0; j < T; j++) {
-                const stochca_real *kj = kb + (size_t)j * kv_stride;
-                stochca_real s = 0;
-                for (c = 0; c < hd; c++)
-                    s += qi[c] * kj[c];
-                p[j] = s * scale;
-            }
-            /* Subtract the row maximum so exp never overflows. */
-            max_score = p[0];
-            for (j = 1; j < T; j++)
-                if (p[j] > max_score) max_score = p[j];
-            for (j = 0; j < T; j++) {
-                p[j] = STOCHCA__EXP(p[j] - max_score);
-                sum += p[j];
-            }
-            for (j = 0; j < T; j++)
-                p[j] /= sum;
-
-            for (c = 0; c < hd; c++)
-                o[c] = 0;
-            for (j = 0; j < T; j++) {
-                const stochca_real *vj = vb + (size_t)j * kv_stride;
-                for (c = 0; c < hd; c++)
-                    o[c] += p[j] * vj[c];
-            }
-        }
+        stochca__attention_head_forward(out + (size_t)b * T * D + h * hd, probs + (size_t)bh * T * T,
+                                        scratch + (size_t)bh * hd * T, q + (size_t)b * T * q_stride + h * hd,
+                                        q_stride, k + (size_t)b * T * kv_stride + h * hd,
+                                        v + (size_t)b * T * kv_stride + h * hd, kv_stride, T, D, hd);
     }
 }
 
-/* For each query row i with probabilities P_i and output gradient g_i:
-   dP_ij = g_i . v_j,  dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik),
-   dq_i += scale sum_j dS_ij k_j,  dk_j += scale dS_ij q_i,  dv_j += P_ij g_i.
-   Work is split over (image, head) pairs, which share no gradient rows. */
+/* One (image, head) pair of the backward pass; see stochca_attention_backward. */
+static STOCHCA__NOINLINE void stochca__attention_head_backward(stochca_real *dq, stochca_real *dk, stochca_real *dv,
+                                                               stochca_real *dp, stochca_real *vt,
+                                                               const stochca_real *g, const stochca_real *p,
+                                                               const stochca_real *q, int q_stride,
+                                                               const stochca_real *k, const stochca_real *v,
+                                                               int kv_stride, int T, int D, int hd)
+{
+    const stochca_real scale = 1 / STOCHCA__SQRT((stochca_real)hd);
+    stochca__matmul_args prob_grad = stochca__mm(dp, T, g, (size_t)D, 1, vt, T, T, hd, T);
+    stochca__matmul_args query_grad = stochca__mm(dq, q_stride, dp, (size_t)T, 1, k, kv_stride, T, T, hd);
+    stochca__matmul_args key_grad = stochca__mm(dk, kv_stride, dp, 1, (size_t)T, q, q_stride, T, T, hd);
+    stochca__matmul_args value_grad = stochca__mm(dv, kv_stride, p, 1, (size_t)T, g, D, T, T, hd);
+    int i, j;
+
+    /* dP = G V^T */
+    stochca__transpose_head(vt, v, kv_stride, T, hd);
+    memset(dp, 0, (size_t)T * T * sizeof(stochca_real));
+    stochca__matmul(&prob_grad, 0);
+
+    /* dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), times the score scale, in place. */
+    for (i = 0; i < T; i++) {
+        const stochca_real *pi = p + (size_t)i * T;
+        stochca_real *dpi = dp + (size_t)i * T, dot = 0;
+        for (j = 0; j < T; j++)
+            dot += pi[j] * dpi[j];
+        for (j = 0; j < T; j++)
+            dpi[j] = pi[j] * (dpi[j] - dot) * scale;
+    }
+
+    /* dQ += dS K, dK += dS^T Q, dV += P^T G */
+    stochca__matmul(&query_grad, 0);
+    if (dk)
+        stochca__matmul(&key_grad, 0);
+    if (dv)
+        stochca__matmul(&value_grad, 0);
+}
+
+/* For each head, with P the probabilities and G the output gradient:
+   dP = G V^T,  dS = P * (dP - rowsum(P * dP)) / sqrt(d),
+   dQ += dS K,  dK += dS^T Q,  dV += P^T G.
+   Work is split over (image, head) pairs, which share no gradient rows.
+   scratch (B,H,d,T) holds each head's values transposed. */
 STOCHCA_API void stochca_attention_backward(stochca_real *dq, stochca_real *dk, stochca_real *dv,
-                                            stochca_real *dprobs, const stochca_real *dout,
-                                            const stochca_real *probs,
+                                            stochca_real *dprobs, stochca_real *scratch,
+                                            const stochca_real *dout, const stochca_real *probs,
                                             const stochca_real *q, int q_stride,
                                             const stochca_real *k, const stochca_real *v, int kv_stride,
                                             int B, int T, int D, int H)
 {
     const int hd = D / H;
-    const stochca_real scale = 1 / STOCHCA__SQRT((stochca_real)hd);
     int bh;
-    STOCHCA__OMP(omp parallel for)
+    STOCHCA__OMP(omp parallel for schedule(static))
     for (bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         const size_t q0 = (size_t)b * T * q_stride + h * hd, kv0 = (size_t)b * T * kv_stride + h * hd;
-        int i, j, c;
-        for (i = 0; i < T; i++) {
-            const stochca_real *p = probs + ((size_t)bh * T + i) * T;
-            stochca_real *dp = dprobs + ((size_t)bh * T + i) * T;
-            const stochca_real *g = dout + ((size_t)b * T + i) * D + h * hd;
-            const stochca_real *qi = q + q0 + (size_t)i * q_stride;
-            stochca_real *dqi = dq + q0 + (size_t)i * q_stride;
-            stochca_real dot = 0;
-
-            for (j = 0; j < T; j++) {
-                const stochca_real *vj = v + kv0 + (size_t)j * kv_stride;
-                stochca_real s = 0;
-                for (c = 0; c < hd; c++)
-                    s += g[c] * vj[c];
-                dp[j] = s;
-                dot += p[j] * s;
-                if (dv) {
-                    stochca_real *dvj = dv + kv0 + (size_t)j * kv_stride;
-                    for (c = 0; c < hd; c++)
-                        dvj[c] += p[j] * g[c];
-                }
-            }
-            for (j = 0; j < T; j++) {
-                const stochca_real ds = p[j] * (dp[j] - dot) * scale;
-                const stochca_real *kj = k + kv0 + (size_t)j * kv_stride;
-                for (c = 0; c < hd; c++)
-                    dqi[c] += ds * kj[c];
-                if (dk) {
-                    stochca_real *dkj = dk + kv0 + (size_t)j * kv_stride;
-                    for (c = 0; c < hd; c++)
-                        dkj[c] += ds * qi[c];
-                }
-            }
-        }
+        stochca__attention_head_backward(dq + q0, dk ? dk + kv0 : NULL, dv ? dv + kv0 : NULL,
+                                         dprobs + (size_t)bh * T * T, scratch + (size_t)bh * hd * T,
+                                         dout + (size_t)b * T * D + h * hd, probs + (size_t)bh * T * T,
+                                         q + q0, q_stride, k + kv0, v + kv0, kv_stride, T, D, hd);
     }
 }
 
@@ -1378,11 +1514,11 @@ static void stochca__block_rest_forward(stochca_model *m, int l, int B, const st
     stochca_block_acts *a = &m->acts.block[l];
 
     if (m->cross[l])
-        stochca_attention_forward(a->attn, a->probs, a->qkv, D, kv->key[l], kv->value[l], kv->row_stride,
-                                  B, T, D, c->heads);
+        stochca_attention_forward(a->attn, a->probs, m->scratch, a->qkv, D, kv->key[l], kv->value[l],
+                                  kv->row_stride, B, T, D, c->heads);
     else
-        stochca_attention_forward(a->attn, a->probs, a->qkv, 3 * D, a->qkv + D, a->qkv + 2 * D, 3 * D,
-                                  B, T, D, c->heads);
+        stochca_attention_forward(a->attn, a->probs, m->scratch, a->qkv, 3 * D, a->qkv + D, a->qkv + 2 * D,
+                                  3 * D, B, T, D, c->heads);
     stochca_linear_forward(a->proj, a->attn, p->proj_w, p->proj_b, m->scratch, R, D, D);
     stochca_residual_forward(a->resid, stochca__block_input(&m->acts, l), a->proj, n);
 
@@ -1568,13 +1704,14 @@ static void stochca__block_backward(stochca_model *m, int l, int B)
     if (m->cross[l]) {
         /* K0 and V0 belong to the frozen pretrained model, so only dQ is
            needed and only the query rows of qkv_w and qkv_b get gradient. */
-        stochca_attention_backward(g->qkv, NULL, NULL, g->probs, g->attn, a->probs, a->qkv, D,
+        stochca_attention_backward(g->qkv, NULL, NULL, g->probs, m->scratch, g->attn, a->probs, a->qkv, D,
                                    m->cross_kv.key[l], m->cross_kv.value[l], m->cross_kv.row_stride,
                                    B, T, D, c->heads);
         stochca_linear_backward(g->ln1, dp->qkv_w, dp->qkv_b, g->qkv, a->ln1, p->qkv_w, R, D, D);
     } else {
-        stochca_attention_backward(g->qkv, g->qkv + D, g->qkv + 2 * D, g->probs, g->attn, a->probs,
-                                   a->qkv, 3 * D, a->qkv + D, a->qkv + 2 * D, 3 * D, B, T, D, c->heads);
+        stochca_attention_backward(g->qkv, g->qkv + D, g->qkv + 2 * D, g->probs, m->scratch, g->attn,
+                                   a->probs, a->qkv, 3 * D, a->qkv + D, a->qkv + 2 * D, 3 * D, B, T, D,
+                                   c->heads);
         stochca_linear_backward(g->ln1, dp->qkv_w, dp->qkv_b, g->qkv, a->ln1, p->qkv_w, R, D, 3 * D);
     }
     stochca_layernorm_backward(dx, dp->ln1_w, dp->ln1_b, g->ln1, x, D, p->ln1_w, a->ln1_mean, a->ln1_rstd,

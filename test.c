@@ -268,14 +268,14 @@ static void test_layernorm(stochca_rng *rng)
 /* Attention with queries in a packed (B,T,3D) buffer and keys/values either
    from the same buffer (self) or from a separate (B,T,2D) buffer (cross). */
 typedef struct {
-    double *q, *k, *v, *out, *probs, *r;
+    double *q, *k, *v, *out, *probs, *r, *scratch;
     int q_stride, kv_stride;
 } attention_case;
 
 static double attention_loss(void *ctx)
 {
     attention_case *c = (attention_case *)ctx;
-    stochca_attention_forward(c->out, c->probs, c->q, c->q_stride, c->k, c->v, c->kv_stride, KB, KT, KD, KH);
+    stochca_attention_forward(c->out, c->probs, c->scratch, c->q, c->q_stride, c->k, c->v, c->kv_stride, KB, KT, KD, KH);
     return weighted_sum(c->out, c->r, KB * KT * KD);
 }
 
@@ -286,6 +286,7 @@ static void test_attention(stochca_rng *rng)
     double *dkv0 = new_array(n_kv0), *dprobs = new_array(KB * KH * KT * KT);
     attention_case c;
     c.out = new_array(n_out); c.r = new_array(n_out); c.probs = new_array(KB * KH * KT * KT);
+    c.scratch = new_array(n_out);
     fill_random(qkv, n_qkv, -1.5, 1.5, rng);
     fill_random(kv0, n_kv0, -1.5, 1.5, rng);
     fill_random(c.r, n_out, -1, 1, rng);
@@ -293,7 +294,7 @@ static void test_attention(stochca_rng *rng)
     /* Self-attention: q, k, v interleaved in one (B,T,3D) buffer. */
     c.q = qkv; c.k = qkv + KD; c.v = qkv + 2 * KD; c.q_stride = 3 * KD; c.kv_stride = 3 * KD;
     attention_loss(&c);
-    stochca_attention_backward(dqkv, dqkv + KD, dqkv + 2 * KD, dprobs, c.r, c.probs, c.q, c.q_stride,
+    stochca_attention_backward(dqkv, dqkv + KD, dqkv + 2 * KD, dprobs, c.scratch, c.r, c.probs, c.q, c.q_stride,
                                c.k, c.v, c.kv_stride, KB, KT, KD, KH);
     check_param("eq5 self-attention: d q, k, v", attention_loss, &c, qkv, dqkv, n_qkv);
 
@@ -301,11 +302,11 @@ static void test_attention(stochca_rng *rng)
     memset(dqkv, 0, n_qkv * sizeof(double));
     c.k = kv0; c.v = kv0 + KD; c.kv_stride = 2 * KD;
     attention_loss(&c);
-    stochca_attention_backward(dqkv, dkv0, dkv0 + KD, dprobs, c.r, c.probs, c.q, c.q_stride,
+    stochca_attention_backward(dqkv, dkv0, dkv0 + KD, dprobs, c.scratch, c.r, c.probs, c.q, c.q_stride,
                                c.k, c.v, c.kv_stride, KB, KT, KD, KH);
     check_param("eq10 cross-attention: d queries", attention_loss, &c, qkv, dqkv, n_qkv / 3 * 3);
     check_param("eq10 cross-attention: d pretrained k, v", attention_loss, &c, kv0, dkv0, n_kv0);
-    free(qkv); free(kv0); free(dqkv); free(dkv0); free(dprobs); free(c.out); free(c.r); free(c.probs);
+    free(qkv); free(kv0); free(dqkv); free(dkv0); free(dprobs); free(c.out); free(c.r); free(c.probs); free(c.scratch);
 }
 
 typedef struct {
@@ -1166,6 +1167,51 @@ static void test_driver_nan(void)
     remove("test_good.tmp.bin");
 }
 
+/* ---------------------------------------------------------------------------
+   Fuzzing entry points for libFuzzer, built by .ci/run with
+   clang -fsanitize=fuzzer,address,undefined -DSTOCHCA_FUZZ=1 (IDX reader)
+   or -DSTOCHCA_FUZZ=2 (checkpoint reader). */
+#ifdef STOCHCA_FUZZ
+#include <unistd.h>
+
+#if STOCHCA_FUZZ == 1
+/* Input: a 2-byte big-endian length n, then an image file of n bytes, then a label file. */
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    dataset d;
+    char msg[1024];
+    size_t split;
+    if (size < 2)
+        return 0;
+    split = ((size_t)data[0] << 8 | data[1]) % (size - 1);
+    if (parse_dataset(&d, data + 2, (long)split, "images", data + 2 + split, (long)(size - 2 - split), "labels", 28,
+                      msg, sizeof msg))
+        free_dataset(&d);
+    return 0;
+}
+#else
+/* Input: a checkpoint file. Models of more than 4 million parameters are skipped. */
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    char path[64];
+    stochca_config c;
+    stochca_model m;
+    stochca_rng rng;
+    stochca_error err;
+    snprintf(path, sizeof path, "fuzz_checkpoint_%ld.tmp", (long)getpid());
+    write_bytes(path, data, size);
+    if (stochca_checkpoint_read_config(path, &c, &err) == STOCHCA_OK &&
+        stochca__layout_params(&c, NULL, NULL) <= 4000000 && stochca_model_init(&m, &c, &err) == STOCHCA_OK) {
+        stochca_model_reserve(&m, 1, 1, &err);
+        stochca_checkpoint_load(&m, &rng, path, &err);
+        stochca_model_free(&m);
+    }
+    remove(path);
+    return 0;
+}
+#endif
+#else
+
 int main(void)
 {
     stochca_rng rng;
@@ -1204,3 +1250,4 @@ int main(void)
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed ? 1 : 0;
 }
+#endif /* STOCHCA_FUZZ */

@@ -20,6 +20,7 @@
 #define DATA_CLASSES 10
 #define IDX_IMAGES_MAGIC 0x00000803u
 #define IDX_LABELS_MAGIC 0x00000801u
+#define IDX_MAX_DIMENSION 100000000u
 #define PIXEL_MEAN 0.5f   /* inputs are mapped from [0, 255] to [-1, 1] */
 #define PIXEL_STD 0.5f
 
@@ -69,7 +70,7 @@ static int parse_idx_header(const unsigned char *bytes, long size, const char *p
                             int ndim, uint32_t *dims, char *msg, size_t msg_size)
 {
     const long header = 4L + 4L * ndim;
-    long expected = header;
+    uint64_t payload = 1;
     int k;
     if (size >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b) {
         snprintf(msg, msg_size, "'%s' is gzip-compressed; decompress it first (gunzip -k '%s')", path, path);
@@ -88,19 +89,17 @@ static int parse_idx_header(const unsigned char *bytes, long size, const char *p
     }
     for (k = 0; k < ndim; k++) {
         dims[k] = read_be32(bytes + 4 + 4 * k);
-        if (dims[k] == 0 || dims[k] > 100000000u) {
-            snprintf(msg, msg_size, "'%s' is corrupt: dimension %d is %lu", path, k, (unsigned long)dims[k]);
+        if (dims[k] == 0 || dims[k] > IDX_MAX_DIMENSION) {
+            snprintf(msg, msg_size, "'%s' is corrupt: dimension %d is %lu, expected 1 to %lu", path, k,
+                     (unsigned long)dims[k], (unsigned long)IDX_MAX_DIMENSION);
             return 0;
         }
-        if (expected > (1L << 40) / (long)dims[k]) {
-            snprintf(msg, msg_size, "'%s' is corrupt: its dimensions describe more than 1 TB", path);
-            return 0;
-        }
-        expected = k == 0 ? header + (long)dims[0] : header + (expected - header) * (long)dims[k];
+        payload *= dims[k];  /* at most 1e8^3 < 2^64 */
     }
-    if (size != expected) {
-        snprintf(msg, msg_size, "'%s' %s: %ld bytes, but its header describes %ld", path,
-                 size < expected ? "is truncated" : "has trailing data", size, expected);
+    if (payload != (uint64_t)(size - header)) {
+        snprintf(msg, msg_size, "'%s' %s: %ld bytes, but its header describes %.0f", path,
+                 payload > (uint64_t)(size - header) ? "is truncated" : "has trailing data", size,
+                 (double)payload + (double)header);
         return 0;
     }
     return 1;
@@ -113,41 +112,34 @@ static void free_dataset(dataset *d)
     memset(d, 0, sizeof *d);
 }
 
-/* Loads an image file and a label file that must describe the same images,
-   each side image_size pixels, labels in [0, DATA_CLASSES). */
-static int load_dataset(dataset *d, const char *images_path, const char *labels_path, int image_size,
-                        char *msg, size_t msg_size)
+/* Parses an image file and a label file, already in memory, that must
+   describe the same images, each side image_size pixels, labels in
+   [0, DATA_CLASSES). The paths only name the files in messages. */
+static int parse_dataset(dataset *d, const unsigned char *images, long image_bytes, const char *images_path,
+                         const unsigned char *labels, long label_bytes, const char *labels_path, int image_size,
+                         char *msg, size_t msg_size)
 {
-    uint32_t image_dims[3], label_dims[1];
-    long image_bytes = 0, label_bytes = 0;
-    unsigned char *images, *labels = NULL;
-    int i, ok = 0;
+    uint32_t image_dims[3], label_dims[1], i;
 
     memset(d, 0, sizeof *d);
-    images = read_file(images_path, &image_bytes, msg, msg_size);
-    if (!images)
-        return 0;
-    labels = read_file(labels_path, &label_bytes, msg, msg_size);
-    if (!labels)
-        goto done;
     if (!parse_idx_header(images, image_bytes, images_path, IDX_IMAGES_MAGIC, 3, image_dims, msg, msg_size) ||
         !parse_idx_header(labels, label_bytes, labels_path, IDX_LABELS_MAGIC, 1, label_dims, msg, msg_size))
-        goto done;
+        return 0;
     if (image_dims[1] != (uint32_t)image_size || image_dims[2] != (uint32_t)image_size) {
         snprintf(msg, msg_size, "'%s' holds %lux%lu images, but the model expects %dx%d", images_path,
                  (unsigned long)image_dims[1], (unsigned long)image_dims[2], image_size, image_size);
-        goto done;
+        return 0;
     }
     if (image_dims[0] != label_dims[0]) {
         snprintf(msg, msg_size, "'%s' holds %lu images but '%s' holds %lu labels; the counts must match",
                  images_path, (unsigned long)image_dims[0], labels_path, (unsigned long)label_dims[0]);
-        goto done;
+        return 0;
     }
-    for (i = 0; i < (int)label_dims[0]; i++)
+    for (i = 0; i < label_dims[0]; i++)
         if (labels[8 + i] >= DATA_CLASSES) {
-            snprintf(msg, msg_size, "'%s': label %d of image %d is out of range, expected 0 to %d",
-                     labels_path, labels[8 + i], i, DATA_CLASSES - 1);
-            goto done;
+            snprintf(msg, msg_size, "'%s': label %d of image %lu is out of range, expected 0 to %d",
+                     labels_path, labels[8 + i], (unsigned long)i, DATA_CLASSES - 1);
+            return 0;
         }
 
     d->count = (int)image_dims[0];
@@ -157,12 +149,28 @@ static int load_dataset(dataset *d, const char *images_path, const char *labels_
     if (!d->pixels || !d->labels) {
         snprintf(msg, msg_size, "out of memory for %d images of '%s'", d->count, images_path);
         free_dataset(d);
-        goto done;
+        return 0;
     }
     memcpy(d->pixels, images + 16, (size_t)d->count * image_size * image_size);
     memcpy(d->labels, labels + 8, (size_t)d->count);
-    ok = 1;
-done:
+    return 1;
+}
+
+/* Loads an image file and its label file; see parse_dataset. */
+static int load_dataset(dataset *d, const char *images_path, const char *labels_path, int image_size,
+                        char *msg, size_t msg_size)
+{
+    long image_bytes = 0, label_bytes = 0;
+    unsigned char *images, *labels = NULL;
+    int ok = 0;
+
+    memset(d, 0, sizeof *d);
+    images = read_file(images_path, &image_bytes, msg, msg_size);
+    if (images)
+        labels = read_file(labels_path, &label_bytes, msg, msg_size);
+    if (images && labels)
+        ok = parse_dataset(d, images, image_bytes, images_path, labels, label_bytes, labels_path, image_size,
+                           msg, msg_size);
     free(images);
     free(labels);
     return ok;
