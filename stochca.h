@@ -417,6 +417,39 @@ STOCHCA_API int stochca_backward(stochca_model *m, stochca_error *err);
 /* Draws beta_l ~ Bernoulli(p) for each of the L blocks into cross (L). */
 STOCHCA_API void stochca_draw_cross(stochca_rng *rng, float p, int L, unsigned char *cross);
 
+/* Cache of the pretrained model's keys and values per training image. When
+   the training images do not change between epochs, K0 and V0 of an image
+   are the same in every epoch, so the pretrained forward runs once per
+   image instead of once per step. It costs count * L * T * 2D values. */
+typedef struct {
+    stochca_real *memory;        /* (count, L, T, 2D): per image and block, K0 rows then V0 rows */
+    unsigned char *filled;       /* (count) 1 once an image's entry is stored */
+    stochca_real *batch;         /* (L, B, T, 2D) the entries of one batch, gathered */
+    int count, depth, tokens, dim, batch_capacity;
+} stochca_kv_cache;
+
+/* Bytes that stochca_kv_cache_init allocates for count images. */
+STOCHCA_API double stochca_kv_cache_bytes(const stochca_config *c, int count, int batch_capacity);
+/* Allocates a cache for count images and batches of up to batch_capacity.
+   Fails with STOCHCA_ERR_NOMEM, allocating nothing, when it would need more
+   than budget_bytes; the caller then recomputes K0 and V0 every step. */
+STOCHCA_API int stochca_kv_cache_init(stochca_kv_cache *cache, const stochca_config *c, int count,
+                                      int batch_capacity, double budget_bytes, stochca_error *err);
+STOCHCA_API void stochca_kv_cache_free(stochca_kv_cache *cache);
+/* Points kv at K0 and V0 of the images (B,C,S,S) whose cache entries are
+   indices (B). If any entry is missing, the pretrained model runs on the
+   batch and its results are stored; otherwise nothing is computed. */
+STOCHCA_API int stochca_kv_cache_lookup(stochca_kv_cache *cache, stochca_model *pretrained,
+                                        const stochca_real *images, const int *indices, int B,
+                                        stochca_kv *kv, stochca_error *err);
+
+/* Floating-point operations per image of one forward pass, or of one
+   training step (forward and backward) with the StochCA flags cross (L,
+   NULL for none), counting 2 per multiply-add of the matrix products.
+   with_pretrained adds the pretrained model's forward up to its last K0, V0. */
+STOCHCA_API double stochca_flops_forward(const stochca_config *c);
+STOCHCA_API double stochca_flops_train_step(const stochca_config *c, const unsigned char *cross, int with_pretrained);
+
 /* ---------------------------------------------------------------------------
    Optimizer and regularizers */
 
@@ -1651,6 +1684,158 @@ STOCHCA_API void stochca_draw_cross(stochca_rng *rng, float p, int L, unsigned c
     int l;
     for (l = 0; l < L; l++)
         cross[l] = stochca_rng_uniform(rng) < p ? 1 : 0;
+}
+
+/* ---------------------------------------------------------------------------
+   Cache of pretrained keys and values */
+
+STOCHCA_API double stochca_kv_cache_bytes(const stochca_config *c, int count, int batch_capacity)
+{
+    const double entry = (double)c->depth * stochca_num_tokens(c) * 2.0 * c->dim * sizeof(stochca_real);
+    return entry * ((double)count + batch_capacity) + (double)count;
+}
+
+STOCHCA_API int stochca_kv_cache_init(stochca_kv_cache *cache, const stochca_config *c, int count,
+                                      int batch_capacity, double budget_bytes, stochca_error *err)
+{
+    const double bytes = stochca_kv_cache_bytes(c, count, batch_capacity);
+    const size_t entry = (size_t)c->depth * (size_t)stochca_num_tokens(c) * 2 * (size_t)c->dim;
+    memset(cache, 0, sizeof *cache);
+    if (count < 1 || batch_capacity < 1)
+        return stochca__fail(err, STOCHCA_ERR_ARGUMENT, "invalid K/V cache size: %d images, batch %d",
+                             count, batch_capacity);
+    if (bytes > budget_bytes)
+        return stochca__fail(err, STOCHCA_ERR_NOMEM, "a K/V cache for %d images needs %.0f MiB, more than "
+                             "the budget of %.0f MiB", count, bytes / 1048576.0, budget_bytes / 1048576.0);
+    if ((double)entry * ((double)count + batch_capacity) > (double)((size_t)-1 / sizeof(stochca_real)))
+        return stochca__fail(err, STOCHCA_ERR_NOMEM, "a K/V cache for %d images overflows size_t", count);
+    cache->memory = stochca__alloc(entry * (size_t)count);
+    cache->batch = stochca__alloc(entry * (size_t)batch_capacity);
+    cache->filled = (unsigned char *)STOCHCA_MALLOC((size_t)count);
+    if (!cache->memory || !cache->batch || !cache->filled) {
+        stochca_kv_cache_free(cache);
+        return stochca__fail(err, STOCHCA_ERR_NOMEM, "out of memory for a K/V cache of %.0f MiB",
+                             bytes / 1048576.0);
+    }
+    memset(cache->filled, 0, (size_t)count);
+    cache->count = count;
+    cache->depth = c->depth;
+    cache->tokens = stochca_num_tokens(c);
+    cache->dim = c->dim;
+    cache->batch_capacity = batch_capacity;
+    return STOCHCA_OK;
+}
+
+STOCHCA_API void stochca_kv_cache_free(stochca_kv_cache *cache)
+{
+    STOCHCA_FREE(cache->memory);
+    STOCHCA_FREE(cache->batch);
+    STOCHCA_FREE(cache->filled);
+    memset(cache, 0, sizeof *cache);
+}
+
+/* Copies image b's K0 and V0 of every block from kv into its cache entry. */
+static void stochca__kv_cache_store(stochca_kv_cache *cache, const stochca_kv *kv, int b, int index)
+{
+    const int T = cache->tokens, D = cache->dim;
+    int l, t;
+    for (l = 0; l < cache->depth; l++) {
+        stochca_real *entry = cache->memory + (((size_t)index * cache->depth + l) * T) * 2 * D;
+        for (t = 0; t < T; t++) {
+            const size_t row = ((size_t)b * T + t) * kv->row_stride;
+            memcpy(entry + (size_t)t * 2 * D, kv->key[l] + row, (size_t)D * sizeof(stochca_real));
+            memcpy(entry + (size_t)t * 2 * D + D, kv->value[l] + row, (size_t)D * sizeof(stochca_real));
+        }
+    }
+    cache->filled[index] = 1;
+}
+
+STOCHCA_API int stochca_kv_cache_lookup(stochca_kv_cache *cache, stochca_model *pretrained,
+                                        const stochca_real *images, const int *indices, int B,
+                                        stochca_kv *kv, stochca_error *err)
+{
+    const int L = cache->depth, T = cache->tokens, D = cache->dim;
+    const size_t entry = (size_t)T * 2 * D;
+    int b, l, missing = 0;
+    if (B < 1 || B > cache->batch_capacity)
+        return stochca__fail(err, STOCHCA_ERR_ARGUMENT, "invalid batch size %d for the K/V cache, expected 1 to %d",
+                             B, cache->batch_capacity);
+    for (b = 0; b < B; b++) {
+        if (indices[b] < 0 || indices[b] >= cache->count)
+            return stochca__fail(err, STOCHCA_ERR_ARGUMENT, "invalid K/V cache index %d, expected 0 to %d",
+                                 indices[b], cache->count - 1);
+        missing |= !cache->filled[indices[b]];
+    }
+
+    /* A miss computes the whole batch; its fresh K0 and V0 serve this step. */
+    if (missing) {
+        int status = stochca_pretrained_kv(pretrained, images, B, kv, err);
+        if (status != STOCHCA_OK)
+            return status;
+        for (b = 0; b < B; b++)
+            stochca__kv_cache_store(cache, kv, b, indices[b]);
+        return STOCHCA_OK;
+    }
+
+    /* Gather the entries into (L, B, T, 2D), the layout the attention kernel reads. */
+    for (l = 0; l < L; l++) {
+        stochca_real *dst = cache->batch + (size_t)l * B * entry;
+        for (b = 0; b < B; b++)
+            memcpy(dst + (size_t)b * entry, cache->memory + ((size_t)indices[b] * L + l) * entry,
+                   entry * sizeof(stochca_real));
+        kv->key[l] = dst;
+        kv->value[l] = dst + D;
+    }
+    kv->row_stride = 2 * D;
+    kv->batch = B;
+    kv->depth = L;
+    return STOCHCA_OK;
+}
+
+/* ---------------------------------------------------------------------------
+   FLOP counts: 2 per multiply-add of every matrix product. */
+
+/* Per image: the patch projection, the head, and per block the in_proj
+   (q_rows of its 3D rows), the attention products, out_proj and the MLP. */
+static double stochca__flops_blocks(const stochca_config *c, const unsigned char *cross, int backward)
+{
+    const double T = stochca_num_tokens(c), D = c->dim, M = c->mlp_dim;
+    double total = 0;
+    int l;
+    for (l = 0; l < c->depth; l++) {
+        const int is_cross = cross && cross[l];
+        const double qkv = 2 * T * D * (is_cross ? D : 3 * D);
+        const double attention = 2 * 2 * T * T * D;            /* scores and probabilities times values */
+        const double dense = 2 * T * D * D + 2 * 2 * T * D * M; /* out_proj, fc1, fc2 */
+        total += qkv + attention + dense;
+        if (backward) {
+            total += 2 * (qkv + dense);                          /* input and weight gradients */
+            total += is_cross ? attention : 2 * attention;       /* dP, dQ; plus dK, dV in self-attention */
+        }
+    }
+    return total;
+}
+
+STOCHCA_API double stochca_flops_forward(const stochca_config *c)
+{
+    const double N = stochca_num_tokens(c) - 1, D = c->dim;
+    const double patch = (double)c->channels * c->patch_size * c->patch_size;
+    return 2 * N * patch * D + stochca__flops_blocks(c, NULL, 0) + 2 * D * c->classes;
+}
+
+STOCHCA_API double stochca_flops_train_step(const stochca_config *c, const unsigned char *cross, int with_pretrained)
+{
+    const double N = stochca_num_tokens(c) - 1, T = N + 1, D = c->dim;
+    const double patch = (double)c->channels * c->patch_size * c->patch_size;
+    /* The patch projection has no input gradient; the head has both. */
+    double flops = 2 * 2 * N * patch * D + stochca__flops_blocks(c, cross, 1) + 3 * 2 * D * c->classes;
+    if (with_pretrained) {
+        /* The pretrained forward stops after the last block's in_proj. */
+        stochca_config shorter = *c;
+        shorter.depth = c->depth - 1;
+        flops += 2 * N * patch * D + stochca__flops_blocks(&shorter, NULL, 0) + 2 * T * D * 3 * D;
+    }
+    return flops;
 }
 
 /* ---------------------------------------------------------------------------

@@ -991,6 +991,11 @@ static int allocation_sequence(stochca_error *err)
         status = stochca_checkpoint_save(&a, NULL, TMP_CHECKPOINT, 1, err);
     if (status == STOCHCA_OK)
         status = stochca_checkpoint_load(&a, NULL, TMP_CHECKPOINT, err);
+    if (status == STOCHCA_OK) {
+        stochca_kv_cache cache;
+        status = stochca_kv_cache_init(&cache, &c, 3, 2, 1e9, err);
+        stochca_kv_cache_free(&cache);
+    }
     stochca_model_free(&a);
     stochca_model_free(&b);
     return status;
@@ -1135,6 +1140,10 @@ static void test_driver_threads(void)
     check_command("train with 2 threads", "./train " FT_FLAGS " --threads 2 --out test_t2.tmp.bin", 0, "MNIST test accuracy");
     check_true("1 and 2 threads give identical parameters", same_file("test_t1.tmp.bin", "test_t2.tmp.bin"),
                "checkpoints after 6 StochCA steps are equal byte for byte");
+    check_command("train without K/V cache", "./train " FT_FLAGS " --kv-cache-mb 0 --out test_t2.tmp.bin", 0,
+                  "MNIST test accuracy");
+    check_true("K/V cache gives identical parameters", same_file("test_t1.tmp.bin", "test_t2.tmp.bin"),
+               "cached and recomputed pretrained K/V give the same checkpoint");
     remove("test_t1.tmp.bin");
     remove("test_t2.tmp.bin");
 }
@@ -1165,6 +1174,86 @@ static void test_driver_nan(void)
     free(bytes);
     remove("test_overflow.tmp.bin");
     remove("test_good.tmp.bin");
+}
+
+/* ---------------------------------------------------------------------------
+   Speed-ups: cached pretrained keys and values, skipped target K and V */
+
+static void test_kv_cache(stochca_rng *rng)
+{
+    stochca_model pretrained;
+    stochca_kv_cache cache;
+    stochca_kv cached, fresh;
+    stochca_config c = tiny_config();
+    const size_t image = 2 * 8 * 8;
+    double images[4 * 2 * 8 * 8], batch[2 * 2 * 8 * 8];
+    const int first[2] = {0, 1}, second[2] = {2, 3}, mixed[2] = {3, 0};
+    stochca_error err;
+    int l, b, t, same = 1;
+
+    init_tiny_model(&pretrained, 0, rng);
+    fill_random(images, 4 * image, -1, 1, rng);
+    stochca_kv_cache_init(&cache, &c, 4, 2, 1e9, &err);
+    stochca_kv_cache_lookup(&cache, &pretrained, images, first, 2, &cached, &err);
+    stochca_kv_cache_lookup(&cache, &pretrained, images + 2 * image, second, 2, &cached, &err);
+
+    /* Images 3 and 0 were stored from two other batches; now they are gathered. */
+    memcpy(batch, images + 3 * image, image * sizeof(double));
+    memcpy(batch + image, images, image * sizeof(double));
+    stochca_kv_cache_lookup(&cache, &pretrained, batch, mixed, 2, &cached, &err);
+    stochca_pretrained_kv(&pretrained, batch, 2, &fresh, &err);
+    for (l = 0; l < c.depth; l++)
+        for (b = 0; b < 2; b++)
+            for (t = 0; t < 5; t++) {
+                const double *ck = cached.key[l] + (size_t)(b * 5 + t) * cached.row_stride;
+                const double *cv = cached.value[l] + (size_t)(b * 5 + t) * cached.row_stride;
+                const double *fk = fresh.key[l] + (size_t)(b * 5 + t) * fresh.row_stride;
+                const double *fv = fresh.value[l] + (size_t)(b * 5 + t) * fresh.row_stride;
+                same &= same_bits(ck, fk, 8) && same_bits(cv, fv, 8);
+            }
+    check_true("K/V cache equals recomputed K0, V0", same && cached.row_stride == 16 && fresh.row_stride == 24,
+               "gathered entries equal a fresh pretrained forward, bit for bit");
+    stochca_kv_cache_free(&cache);
+
+    check_true("K/V cache over budget rejected",
+               stochca_kv_cache_init(&cache, &c, 1000, 2, 1000.0, &err) == STOCHCA_ERR_NOMEM &&
+                   strstr(err.message, "more than the budget") != NULL && cache.memory == NULL,
+               err.message);
+    stochca_model_free(&pretrained);
+}
+
+/* A cross-attention block computes only Q. Recomputing the full in_proj
+   and attending with its Q rows must give the same queries and output. */
+static void test_skipped_kv(stochca_rng *rng)
+{
+    stochca_model target, pretrained;
+    stochca_kv kv;
+    stochca_config c = tiny_config();
+    const unsigned char cross[3] = {0, 1, 0};
+    const size_t rows = MB * 5;
+    double images[MB * 2 * 8 * 8], *qkv = new_array(rows * 24), *attn = new_array(rows * 8);
+    double *probs = new_array(MB * 2 * 5 * 5), *scratch = new_array(rows * 24);
+    int labels[MB] = {0, 1}, r, same_q = 1;
+    stochca_error err;
+
+    init_tiny_model(&target, 1, rng);
+    init_tiny_model(&pretrained, 0, rng);
+    fill_random(images, MB * 2 * 8 * 8, -1, 1, rng);
+    stochca_pretrained_kv(&pretrained, images, MB, &kv, &err);
+    stochca_forward(&target, images, labels, MB, cross, &kv, &err);
+
+    stochca_linear_forward(qkv, target.acts.block[1].ln1, target.params.block[1].qkv_w, target.params.block[1].qkv_b,
+                           scratch, (int)rows, 8, 24);
+    for (r = 0; r < (int)rows; r++)
+        same_q &= same_bits(qkv + (size_t)r * 24, target.acts.block[1].qkv + (size_t)r * 8, 8);
+    stochca_attention_forward(attn, probs, scratch, qkv, 24, kv.key[1], kv.value[1], kv.row_stride, MB, 5, 8, 2);
+    check_true("skipped K, V leave queries unchanged", same_q, "Q rows equal those of the full in_proj");
+    check_true("skipped K, V leave attention unchanged", same_bits(attn, target.acts.block[1].attn, rows * 8),
+               "attention output equals the one computed from the full in_proj");
+    (void)c;
+    free(qkv); free(attn); free(probs); free(scratch);
+    stochca_model_free(&target);
+    stochca_model_free(&pretrained);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1239,6 +1328,8 @@ int main(void)
     test_config_validation();
     test_checkpoints(&rng);
     test_idx();
+    test_kv_cache(&rng);
+    test_skipped_kv(&rng);
     test_allocation_failures();
     test_driver_flags();
     test_driver_other_shape(&rng);

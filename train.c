@@ -281,6 +281,7 @@ typedef struct {
     const char *resume;     /* training state to continue from, or NULL */
     long save_every;        /* save the training state to out every N steps (0: never) */
     long stop_after;        /* stop after this step, as if interrupted (0: never) */
+    long kv_cache_mb;       /* memory budget of the pretrained K/V cache (0: no cache) */
 } options;
 
 static options default_options(int pretraining)
@@ -307,6 +308,7 @@ static options default_options(int pretraining)
     o.config.heads = 4;
     o.config.mlp_dim = 256;
     o.config.classes = DATA_CLASSES;
+    o.kv_cache_mb = 1024;
     o.data_dir = "data";
     o.checkpoint = "data/pretrained.bin";
     o.out = pretraining ? "pretrained.bin" : NULL;
@@ -346,7 +348,9 @@ static void print_usage(FILE *f)
         "                   generator) to --out every N steps, so a run can be resumed\n"
         "  --resume F       continue from the training state in F; give the other flags\n"
         "                   exactly as in the interrupted run\n"
-        "  --stop-after N   stop after step N as if interrupted (to test --resume)\n");
+        "  --stop-after N   stop after step N as if interrupted (to test --resume)\n"
+        "  --kv-cache-mb N  memory budget in MiB for caching the pretrained keys and values\n"
+        "                   of every training image; 0 recomputes them every step (default 1024)\n");
 }
 
 static int parse_double(const char *flag, const char *text, double low, double high, int low_open, double *out)
@@ -432,6 +436,7 @@ static int parse_flag(options *o, const char *flag, const char *value)
     if (!strcmp(flag, "--resume")) { o->resume = value; return 1; }
     if (!strcmp(flag, "--save-every")) return parse_long(flag, value, 1, 100000000L, &o->save_every);
     if (!strcmp(flag, "--stop-after")) return parse_long(flag, value, 1, 100000000L, &o->stop_after);
+    if (!strcmp(flag, "--kv-cache-mb")) return parse_long(flag, value, 0, 1048576L, &o->kv_cache_mb);
     fprintf(stderr, "train: unknown flag '%s'\n\n", flag);
     print_usage(stderr);
     return 0;
@@ -522,8 +527,9 @@ static void print_progress(const char *label, long step, long total, double loss
 
 /* One optimizer step on the batch in buf. Returns 0 after printing a
    message if the loss or a gradient is not finite. */
-static int train_step(stochca_model *m, stochca_model *pretrained, const options *o, stochca_rng *rng,
-                      batch_buffers *buf, int B, long step, long total, long warmup)
+static int train_step(stochca_model *m, stochca_model *pretrained, stochca_kv_cache *cache, const options *o,
+                      stochca_rng *rng, batch_buffers *buf, const int *indices, int B, long step, long total,
+                      long warmup)
 {
     unsigned char cross[STOCHCA_MAX_DEPTH];
     const int stochca = o->method == METHOD_STOCHCA || o->method == METHOD_STOCHCA_L2SP;
@@ -539,20 +545,23 @@ static int train_step(stochca_model *m, stochca_model *pretrained, const options
         for (l = 0; l < m->config.depth; l++)
             any_cross |= cross[l];
     }
-    if (any_cross && stochca_pretrained_kv(pretrained, buf->images, B, &kv, &err) != STOCHCA_OK) {
-        fprintf(stderr, "\ntrain: %s\n", err.message);
-        return 0;
+    if (any_cross) {
+        int status = cache ? stochca_kv_cache_lookup(cache, pretrained, buf->images, indices, B, &kv, &err)
+                           : stochca_pretrained_kv(pretrained, buf->images, B, &kv, &err);
+        if (status != STOCHCA_OK) {
+            fprintf(stderr, "\ntrain: %s\n", err.message);
+            return 0;
+        }
     }
+    stochca_zero_grad(m);
     if (stochca_forward(m, buf->images, buf->labels, B, any_cross ? cross : NULL, any_cross ? &kv : NULL,
                         &err) != STOCHCA_OK ||
-        (stochca_zero_grad(m), stochca_backward(m, &err)) != STOCHCA_OK) {
+        stochca_backward(m, &err) != STOCHCA_OK) {
         fprintf(stderr, "\ntrain: %s\n", err.message);
         return 0;
     }
-    if (l2sp) {
-        double penalty = stochca_l2sp(m, pretrained, (float)o->l2sp_alpha);
-        (void)penalty;
-    }
+    if (l2sp)
+        stochca_l2sp(m, pretrained, (float)o->l2sp_alpha);
     grad_norm = stochca_grad_norm(m);
     if (!isfinite(m->loss) || !isfinite(grad_norm)) {
         fprintf(stderr, "\ntrain: step %ld: the %s is not finite (loss %g, gradient norm %g). Training "
@@ -567,6 +576,29 @@ static int train_step(stochca_model *m, stochca_model *pretrained, const options
     opt.decay_head_only = l2sp;
     stochca_adamw_update(m, &opt);
     return 1;
+}
+
+static int uses_stochca(method_kind method)
+{
+    return method == METHOD_STOCHCA || method == METHOD_STOCHCA_L2SP;
+}
+
+/* Opens a cache of the pretrained K0 and V0 of the count training images,
+   which do not change between epochs. Returns 0, after saying why, when it
+   would exceed budget_mb; training then recomputes them every step. */
+static int open_kv_cache(stochca_kv_cache *cache, const stochca_config *c, int count, int B, long budget_mb)
+{
+    stochca_error err;
+    if (budget_mb == 0)
+        return 0;
+    if (stochca_kv_cache_init(cache, c, count, B, (double)budget_mb * 1048576.0, &err) == STOCHCA_OK) {
+        fprintf(stderr, "K/V cache: %.1f MiB for %d images\n", stochca_kv_cache_bytes(c, count, B) / 1048576.0,
+                count);
+        return 1;
+    }
+    fprintf(stderr, "K/V cache off, recomputing the pretrained keys and values every step: %s "
+            "(raise --kv-cache-mb to use it)\n", err.message);
+    return 0;
 }
 
 /* Saves m with its AdamW moments and the generator of the Bernoulli draws. */
@@ -611,11 +643,13 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
     batch_buffers buf;
     stochca_rng rng;
     stochca_error err;
+    stochca_kv_cache cache;
     double start = now_seconds(), last_print = start, window_loss = 0;
     long step = 0, first_step, window_steps = 0, window_images = 0, window_correct = 0;
-    int result = TRAIN_DONE, b;
+    int result = TRAIN_DONE, b, cache_ready = 0;
 
     memset(&buf, 0, sizeof buf);
+    memset(&cache, 0, sizeof cache);
     if (o->method != METHOD_FT && !pretrained) {
         fprintf(stderr, "train: --method %s needs a pretrained model\n", method_names[o->method]);
         return TRAIN_FAILED;
@@ -630,6 +664,7 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
         return TRAIN_FAILED;
     if (!alloc_buffers(&buf, d->count, B, d->rows))
         return TRAIN_FAILED;
+    cache_ready = uses_stochca(o->method) && open_kv_cache(&cache, &m->config, d->count, B, o->kv_cache_mb);
 
     /* The image order of an epoch depends only on (seed, epoch), so a
        resumed run recomputes it instead of storing it. */
@@ -642,7 +677,8 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
         if (position == 0)
             epoch_order(buf.order, d->count, (uint64_t)o->seed, step / steps_per_epoch);
         fill_batch(d, buf.order + position * B, B, buf.images, buf.labels);
-        if (!train_step(m, pretrained, o, &rng, &buf, B, step, total, warmup)) {
+        if (!train_step(m, pretrained, cache_ready ? &cache : NULL, o, &rng, &buf, buf.order + position * B, B,
+                        step, total, warmup)) {
             result = TRAIN_FAILED;
             break;
         }
@@ -678,6 +714,7 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
     if (result == TRAIN_STOPPED)
         fprintf(stderr, "stopped after step %ld; continue with --resume %s\n", step + 1, o->out ? o->out : "FILE");
     free_buffers(&buf);
+    stochca_kv_cache_free(&cache);
     return result;
 }
 
@@ -844,11 +881,6 @@ done:
     free_dataset(&train);
     free_dataset(&test);
     return status;
-}
-
-static int uses_stochca(method_kind method)
-{
-    return method == METHOD_STOCHCA || method == METHOD_STOCHCA_L2SP;
 }
 
 static int cmd_finetune(const options *o)
