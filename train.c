@@ -16,6 +16,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __unix__
+#include <sys/resource.h>  /* getrusage, for the benchmark's peak memory */
+#endif
 
 #define DATA_CLASSES 10
 #define IDX_IMAGES_MAGIC 0x00000803u
@@ -322,6 +325,8 @@ static void print_usage(FILE *f)
         "                                  with plain fine-tuning and with StochCA, print both\n"
         "       ./train finetune [flags]   fine-tune a pretrained checkpoint on MNIST\n"
         "       ./train pretrain [flags]   train a ViT from scratch on Fashion-MNIST\n"
+        "       ./train bench [flags]      time inference and training steps on random images\n"
+        "                                  (default: patch 4, D 64, L 6, H 4, M 256, batch 64, p 0.5)\n"
         "       ./train --help\n"
         "\n"
         "fine-tuning flags:\n"
@@ -331,7 +336,7 @@ static void print_usage(FILE *f)
         "  --checkpoint F   pretrained checkpoint (default data/pretrained.bin)\n"
         "  --l2sp-alpha A   L2-SP strength, >= 0 (default 0.01)\n"
         "  --head-lr-scale S  learning-rate multiplier of the head, > 0 (default 1)\n"
-        "pretraining flags:\n"
+        "pretraining and benchmark flags:\n"
         "  --dim D --depth L --heads H --mlp M --patch P   model shape (default 64 6 4 256 7)\n"
         "common flags:\n"
         "  --epochs E       passes over the training images (default 10)\n"
@@ -916,18 +921,218 @@ static int cmd_main_job(options o)
     return 1;
 }
 
+/* ---------------------------------------------------------------------------
+   Benchmark: images per second of inference, fine-tuning and StochCA steps
+   on random images, for the model shape and batch given by the flags. */
+
+#define BENCH_MIN_SECONDS 3.0   /* time each case at least this long */
+#define BENCH_POOL_BATCHES 4    /* distinct batches cycled through */
+
+/* Peak resident memory of this process in MiB, or -1 where unknown. */
+static double peak_memory_mib(void)
+{
+#ifdef __unix__
+    struct rusage usage;
+    if (getrusage(RUSAGE_SELF, &usage) == 0)
+        return usage.ru_maxrss / 1024.0;  /* kilobytes on Linux */
+#endif
+    return -1;
+}
+
+typedef enum { BENCH_INFER, BENCH_FINETUNE, BENCH_STOCHCA, BENCH_STOCHCA_CACHED } bench_case;
+
+static const char *const bench_names[4] = {"infer", "finetune", "stochca", "stochca-cached"};
+
+/* State shared by the benchmark cases. */
+typedef struct {
+    stochca_model target, pretrained;
+    stochca_kv_cache cache;
+    stochca_rng rng;
+    stochca_real *images;   /* (BENCH_POOL_BATCHES * B, C, S, S) */
+    int *labels;            /* (BENCH_POOL_BATCHES * B) */
+    int *indices;           /* (BENCH_POOL_BATCHES * B) cache entry of each image */
+    int batch;
+    double p;
+} bench_state;
+
+/* Runs one step of `kind` on pool batch i. Returns its FLOPs per image, or -1. */
+static double bench_step(bench_state *s, bench_case kind, int i)
+{
+    const stochca_config *c = &s->target.config;
+    const int B = s->batch;
+    const size_t image = (size_t)c->channels * c->image_size * c->image_size;
+    const stochca_real *images = s->images + (size_t)i * B * image;
+    const int *labels = s->labels + (size_t)i * B;
+    unsigned char cross[STOCHCA_MAX_DEPTH];
+    stochca_adamw opt = stochca_adamw_default();
+    stochca_kv kv;
+    stochca_error err;
+    int l, any = 0, status = STOCHCA_OK;
+
+    if (kind == BENCH_INFER)
+        return stochca_forward(&s->target, images, NULL, B, NULL, NULL, &err) == STOCHCA_OK
+                   ? stochca_flops_forward(c) : -1;
+    if (kind != BENCH_FINETUNE) {
+        stochca_draw_cross(&s->rng, (float)s->p, c->depth, cross);
+        for (l = 0; l < c->depth; l++)
+            any |= cross[l];
+    }
+    if (any && kind == BENCH_STOCHCA)
+        status = stochca_pretrained_kv(&s->pretrained, images, B, &kv, &err);
+    else if (any)
+        status = stochca_kv_cache_lookup(&s->cache, &s->pretrained, images, s->indices + (size_t)i * B, B, &kv, &err);
+    stochca_zero_grad(&s->target);
+    if (status != STOCHCA_OK ||
+        stochca_forward(&s->target, images, labels, B, any ? cross : NULL, any ? &kv : NULL, &err) != STOCHCA_OK ||
+        stochca_backward(&s->target, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        return -1;
+    }
+    stochca_adamw_update(&s->target, &opt);
+    return stochca_flops_train_step(c, any ? cross : NULL, any && kind == BENCH_STOCHCA);
+}
+
+/* Times `kind` for at least BENCH_MIN_SECONDS (or `steps` steps) after two
+   warm-up steps. Writes images per second and GFLOP/s. */
+static int bench_case_run(bench_state *s, bench_case kind, long steps, double *images_per_second, double *gflops)
+{
+    double start, elapsed, flops = 0;
+    long n;
+    if (bench_step(s, kind, 0) < 0 || bench_step(s, kind, 1) < 0)
+        return 0;
+    start = now_seconds();
+    for (n = 0; steps > 0 ? n < steps : (n < 5 || now_seconds() - start < BENCH_MIN_SECONDS); n++) {
+        double step_flops = bench_step(s, kind, (int)(n % BENCH_POOL_BATCHES));
+        if (step_flops < 0)
+            return 0;
+        flops += step_flops * s->batch;
+    }
+    elapsed = now_seconds() - start;
+    *images_per_second = (double)n * s->batch / elapsed;
+    *gflops = flops / elapsed / 1e9;
+    return 1;
+}
+
+static int bench_setup(bench_state *s, const options *o)
+{
+    const stochca_config *c = &o->config;
+    const int pool = BENCH_POOL_BATCHES * o->batch;
+    const size_t image = (size_t)c->channels * c->image_size * c->image_size;
+    stochca_error err;
+    size_t i;
+
+    s->batch = o->batch;
+    s->p = o->p;
+    s->images = (stochca_real *)malloc((size_t)pool * image * sizeof(stochca_real));
+    s->labels = (int *)malloc((size_t)pool * sizeof(int));
+    s->indices = (int *)malloc((size_t)pool * sizeof(int));
+    if (!s->images || !s->labels || !s->indices) {
+        fprintf(stderr, "train: out of memory for %d benchmark images\n", pool);
+        return 0;
+    }
+    stochca_rng_seed(&s->rng, (uint64_t)o->seed);
+    for (i = 0; i < (size_t)pool * image; i++)
+        s->images[i] = 2 * stochca_rng_uniform(&s->rng) - 1;
+    for (i = 0; i < (size_t)pool; i++) {
+        s->labels[i] = (int)(stochca_rng_next(&s->rng) % (uint64_t)c->classes);
+        s->indices[i] = (int)i;
+    }
+    if (stochca_model_init(&s->target, c, &err) != STOCHCA_OK ||
+        stochca_model_init(&s->pretrained, c, &err) != STOCHCA_OK ||
+        stochca_model_reserve(&s->target, o->batch, 1, &err) != STOCHCA_OK ||
+        stochca_model_reserve(&s->pretrained, o->batch, 0, &err) != STOCHCA_OK ||
+        stochca_kv_cache_init(&s->cache, c, pool, o->batch, (double)o->kv_cache_mb * 1048576.0, &err) != STOCHCA_OK) {
+        fprintf(stderr, "train: %s\n", err.message);
+        return 0;
+    }
+    stochca_model_init_random(&s->target, &s->rng);
+    stochca_model_init_random(&s->pretrained, &s->rng);
+    return 1;
+}
+
+static void bench_free(bench_state *s)
+{
+    stochca_model_free(&s->target);
+    stochca_model_free(&s->pretrained);
+    stochca_kv_cache_free(&s->cache);
+    free(s->images);
+    free(s->labels);
+    free(s->indices);
+}
+
+/* Bytes of parameters, gradients, AdamW moments, activations and K/V cache. */
+static double bench_tensor_mib(const bench_state *s)
+{
+    const double real = sizeof(stochca_real), q = (double)s->target.num_params;
+    const double target = q * 4 + 2.0 * s->target.num_acts, pretrained = q + s->pretrained.num_acts;
+    const double cache = stochca_kv_cache_bytes(&s->target.config, s->cache.count, s->batch);
+    return ((target + pretrained) * real + cache) / 1048576.0;
+}
+
+static int cmd_bench(const options *o)
+{
+    bench_state s;
+    double rate[4], gflops[4], peak, tensors;
+    int k, i, threads = 1;
+    memset(&s, 0, sizeof s);
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    if (!bench_setup(&s, o)) {
+        bench_free(&s);
+        return 0;
+    }
+    printf("config: %dx%dx%d images, patch %d (%d tokens), D %d, L %d, H %d, M %d, %d classes, batch %d, p %g, "
+           "%d threads\n", o->config.image_size, o->config.image_size, o->config.channels, o->config.patch_size,
+           stochca_num_tokens(&o->config), o->config.dim, o->config.depth, o->config.heads, o->config.mlp_dim,
+           o->config.classes, o->batch, o->p, threads);
+    /* Fill the cache outside the timing, as the first epoch of training would. */
+    for (i = 0; i < BENCH_POOL_BATCHES; i++) {
+        stochca_kv kv;
+        stochca_error err;
+        if (stochca_kv_cache_lookup(&s.cache, &s.pretrained, s.images + (size_t)i * o->batch * o->config.image_size *
+                                    o->config.image_size * o->config.channels, s.indices + i * o->batch, o->batch, &kv,
+                                    &err) != STOCHCA_OK) {
+            fprintf(stderr, "train: %s\n", err.message);
+            bench_free(&s);
+            return 0;
+        }
+    }
+    for (k = 0; k < 4; k++) {
+        if (!bench_case_run(&s, (bench_case)k, o->steps, &rate[k], &gflops[k])) {
+            bench_free(&s);
+            return 0;
+        }
+        printf("%s: %.0f images/s\n", bench_names[k], rate[k]);
+        fflush(stdout);
+    }
+    printf("GFLOP/s: infer %.1f, finetune %.1f, stochca %.1f, stochca-cached %.1f\n", gflops[0], gflops[1], gflops[2],
+           gflops[3]);
+    peak = peak_memory_mib();
+    tensors = bench_tensor_mib(&s);
+    printf("peak memory: %.0f MiB resident; parameters, gradients, moments, activations and K/V cache: %.0f MiB "
+           "(ratio %.2f)\n", peak, tensors, peak / tensors);
+    bench_free(&s);
+    return 1;
+}
+
 #ifndef STOCHCA_TRAIN_NO_MAIN
 int main(int argc, char **argv)
 {
     const char *command = argc > 1 ? argv[1] : "";
-    int pretraining = !strcmp(command, "pretrain"), ok;
-    options o = default_options(pretraining);
+    int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench"), ok;
+    options o = default_options(pretraining || benchmark);
 
     if (!strcmp(command, "--help") || !strcmp(command, "-h")) {
         print_usage(stdout);
         return 0;
     }
-    if (argc > 1 && strcmp(command, "pretrain") && strcmp(command, "finetune")) {
+    if (benchmark) {
+        /* The reference configuration of the benchmark: 50 tokens, p = 0.5. */
+        o.config.patch_size = 4;
+        o.p = 0.5;
+    }
+    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune")) {
         fprintf(stderr, "train: unknown command '%s'\n\n", command);
         print_usage(stderr);
         return 2;
@@ -937,6 +1142,8 @@ int main(int argc, char **argv)
     set_threads(&o);
     if (pretraining)
         ok = cmd_pretrain(&o);
+    else if (benchmark)
+        ok = cmd_bench(&o);
     else if (argc > 1)
         ok = cmd_finetune(&o);
     else
