@@ -219,7 +219,7 @@ typedef struct {
 
 /* Activations of one block for a batch (also used for their gradients). */
 typedef struct {
-    stochca_real *ln1;        /* (B,T)... see below: (B,T,D) LN1 output u */
+    stochca_real *ln1;        /* (B,T,D) LN1 output u */
     stochca_real *ln1_mean;   /* (B,T) */
     stochca_real *ln1_rstd;   /* (B,T) reciprocal standard deviation */
     stochca_real *qkv;        /* (B,T,3D); (B,T,D) queries only in a cross-attention block */
@@ -265,7 +265,8 @@ typedef struct {
     uint64_t state;
 } stochca_rng;
 
-/* A Vision Transformer with its buffers. Zero-initialize before init. */
+/* A Vision Transformer with its buffers. stochca_model_init zeroes it first,
+   and stochca_model_free is safe after a failed init. */
 typedef struct {
     stochca_config config;
     size_t num_params;            /* Q */
@@ -281,8 +282,8 @@ typedef struct {
     stochca_acts acts;
     stochca_real *grad_act_memory;
     stochca_acts grad_acts;
-    stochca_real *scratch;        /* transposed weight for the linear kernel */
-    /* What the last forward did, for backward. */
+    stochca_real *scratch;        /* a transposed weight, or transposed attention keys or values */
+    /* State of the last forward, for backward. */
     int batch;
     int has_loss;
     int *labels;                  /* (B) copy of the last forward's labels */
@@ -334,7 +335,7 @@ STOCHCA_API int stochca_model_init_transfer(stochca_model *target, const stochca
 STOCHCA_API void stochca_patchify(stochca_real *patches, const stochca_real *images,
                                   int B, int C, int S, int P);
 /* out (R,O) = inp (R,I) w^T (O,I) + b (O). bias may be NULL.
-   scratch (I*O) holds w transposed while the function runs. */
+   scratch (I*O) receives w transposed. */
 STOCHCA_API void stochca_linear_forward(stochca_real *out, const stochca_real *inp,
                                         const stochca_real *w, const stochca_real *bias,
                                         stochca_real *scratch, int R, int I, int O);
@@ -506,6 +507,7 @@ STOCHCA_API double stochca_rng_normal(stochca_rng *rng);
 #ifndef STOCHCA_IMPLEMENTATION_DONE
 #define STOCHCA_IMPLEMENTATION_DONE
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -569,8 +571,9 @@ static int stochca__fail(stochca_error *err, int status, const char *fmt, ...)
 /* ---------------------------------------------------------------------------
    Configuration and the parameter table */
 
-/* Upper bound for every configuration number, so that index arithmetic in
-   int (T*D, 3*D, H*T) can never overflow. */
+/* Upper bound for every configuration number. With the checks on T*3D and
+   C*P*P below and on the batch in stochca_model_reserve, it keeps the int
+   products of sizes in the kernels (B*T, B*H, T*3D) below INT_MAX. */
 #define STOCHCA__MAX_SIZE 65536
 
 STOCHCA_API int stochca_num_tokens(const stochca_config *c)
@@ -873,9 +876,12 @@ STOCHCA_API int stochca_model_reserve(stochca_model *m, int batch_capacity, int 
 {
     stochca__arena arena = {NULL, 0, 0};
     int status;
-    if (batch_capacity < 1)
-        return stochca__fail(err, STOCHCA_ERR_ARGUMENT, "invalid batch capacity %d, expected at least 1",
-                             batch_capacity);
+    if (batch_capacity < 1 ||
+        (double)batch_capacity * stochca_num_tokens(&m->config) * (m->config.heads + 3 * m->config.dim) > INT_MAX)
+        return stochca__fail(err, STOCHCA_ERR_ARGUMENT, "invalid batch capacity %d, expected 1 to %.0f for this "
+                             "configuration", batch_capacity,
+                             floor(INT_MAX / ((double)stochca_num_tokens(&m->config) *
+                                              (m->config.heads + 3 * m->config.dim))));
     stochca__free_buffers(m);
     stochca__layout_acts(&m->config, batch_capacity, &arena, &m->acts);
     if (arena.overflow)
@@ -1351,7 +1357,7 @@ static STOCHCA__NOINLINE void stochca__attention_head_forward(stochca_real *out,
     stochca__matmul(&values, 0);
 }
 
-/* scratch (B,H,d,T) holds each head's keys transposed. */
+/* scratch (B,H,d,T) receives each head's keys transposed. */
 STOCHCA_API void stochca_attention_forward(stochca_real *out, stochca_real *probs, stochca_real *scratch,
                                            const stochca_real *q, int q_stride,
                                            const stochca_real *k, const stochca_real *v, int kv_stride,
@@ -1411,7 +1417,7 @@ static STOCHCA__NOINLINE void stochca__attention_head_backward(stochca_real *dq,
    dP = G V^T,  dS = P * (dP - rowsum(P * dP)) / sqrt(d),
    dQ += dS K,  dK += dS^T Q,  dV += P^T G.
    Work is split over (image, head) pairs, which share no gradient rows.
-   scratch (B,H,d,T) holds each head's values transposed. */
+   scratch (B,H,d,T) receives each head's values transposed. */
 STOCHCA_API void stochca_attention_backward(stochca_real *dq, stochca_real *dk, stochca_real *dv,
                                             stochca_real *dprobs, stochca_real *scratch,
                                             const stochca_real *dout, const stochca_real *probs,

@@ -961,11 +961,11 @@ static void test_idx(void)
     check_idx("IDX gzip file rejected", images, labels, 0, "is gzip-compressed; decompress it first");
 
     write_idx_pair(images, labels, 5, 28, 4, 0);
-    check_idx("IDX count mismatch rejected", images, labels, 0, "holds 5 images but");
+    check_idx("IDX count mismatch rejected", images, labels, 0, "contains 5 images but");
     write_idx_pair(images, labels, 5, 28, 5, 1);
     check_idx("IDX label out of range rejected", images, labels, 0, "label 12 of image 4 is out of range");
     write_idx_pair(images, labels, 3, 32, 3, 0);
-    check_idx("IDX other image shape rejected", images, labels, 0, "holds 32x32 images, but the model expects 28x28");
+    check_idx("IDX other image shape rejected", images, labels, 0, "contains 32x32 images, but the model expects 28x28");
     check_idx("IDX missing file rejected", "no/such/images.idx", labels, 0, "cannot open 'no/such/images.idx'");
 
     remove(images);
@@ -1129,7 +1129,7 @@ static void test_driver_resume(void)
                "6 straight steps and 3 + 3 resumed steps give the same checkpoint file");
     check_command("resume from a file without state rejected",
                   "./train " FT_FLAGS " --resume data/pretrained.bin --out test_c.tmp.bin", 1,
-                  "holds no training state; --resume needs a file written with --save-every");
+                  "contains no training state; --resume needs a file written with --save-every");
     remove("test_a.tmp.bin");
     remove("test_b.tmp.bin");
 }
@@ -1174,6 +1174,107 @@ static void test_driver_nan(void)
     free(bytes);
     remove("test_overflow.tmp.bin");
     remove("test_good.tmp.bin");
+}
+
+/* ---------------------------------------------------------------------------
+   torchvision reference: a ViT built by torchvision 0.14 and run by PyTorch
+   1.13 in float64 (data/torchvision/README.md). */
+
+#define TV_DIR "data/torchvision/"
+
+/* Reads n numbers, one per line, from a text file. */
+static int read_numbers(const char *path, double *x, size_t n)
+{
+    FILE *f = fopen(path, "r");
+    size_t i;
+    if (!f)
+        return 0;
+    for (i = 0; i < n; i++)
+        if (fscanf(f, "%lf", &x[i]) != 1)
+            break;
+    fclose(f);
+    return i == n;
+}
+
+/* Checks values against a reference with |a - r| <= 1e-9 (1 + |r|). */
+static void check_reference(const char *name, const double *actual, const double *reference, size_t n)
+{
+    double worst = 0;
+    size_t i;
+    char detail[128];
+    for (i = 0; i < n; i++)
+        worst = fmax(worst, fabs(actual[i] - reference[i]) / (1 + fabs(reference[i])));
+    snprintf(detail, sizeof detail, "max relative error %.2e over %zu values", worst, n);
+    check_true(name, worst <= 1e-9, detail);
+}
+
+static void load_reference_model(stochca_model *m, const char *path)
+{
+    stochca_config c;
+    stochca_error err;
+    if (stochca_checkpoint_read_config(path, &c, &err) != STOCHCA_OK || stochca_model_init(m, &c, &err) != STOCHCA_OK ||
+        stochca_checkpoint_load(m, NULL, path, &err) != STOCHCA_OK || stochca_model_reserve(m, 3, 1, &err) != STOCHCA_OK) {
+        fprintf(stderr, "test: %s\n", err.message);
+        exit(2);
+    }
+}
+
+static void test_torchvision_reference(void)
+{
+    enum { N = 3, K = 10, PIXELS = N * 3 * 28 * 28 };
+    static const char *const flags[2] = {"10", "11"};
+    stochca_model m, pre;
+    stochca_kv kv;
+    stochca_error err;
+    float raw[PIXELS];
+    int32_t labels32[N];
+    int labels[N], i;
+    double *images = new_array(PIXELS), reference[N * K], loss, *grads;
+    size_t size;
+    unsigned char *bytes;
+
+    load_reference_model(&m, TV_DIR "model.stca");
+    load_reference_model(&pre, TV_DIR "pre.stca");
+    bytes = read_bytes(TV_DIR "input.f32", &size);
+    memcpy(raw, bytes, sizeof raw);   /* little-endian float32, as on the machines this runs on */
+    free(bytes);
+    bytes = read_bytes(TV_DIR "labels.i32", &size);
+    memcpy(labels32, bytes, sizeof labels32);
+    free(bytes);
+    for (i = 0; i < PIXELS; i++)
+        images[i] = raw[i];
+    for (i = 0; i < N; i++)
+        labels[i] = labels32[i];
+
+    stochca_forward(&m, images, labels, N, NULL, NULL, &err);
+    read_numbers(TV_DIR "logits.txt", reference, N * K);
+    check_reference("torchvision reference: logits", m.acts.logits, reference, N * K);
+    read_numbers(TV_DIR "loss.txt", &loss, 1);
+    check_reference("torchvision reference: loss", &m.loss, &loss, 1);
+
+    grads = new_array(m.num_params);
+    stochca_zero_grad(&m);
+    stochca_backward(&m, &err);
+    check_true("torchvision reference: gradients read", read_numbers(TV_DIR "grads.txt", grads, m.num_params),
+               TV_DIR "grads.txt");
+    check_gradient("torchvision reference: autograd gradients", m.grad_memory, grads, m.num_params);
+
+    stochca_pretrained_kv(&pre, images, N, &kv, &err);
+    for (i = 0; i < 2; i++) {
+        unsigned char cross[2];
+        char path[96], name[96];
+        cross[0] = (unsigned char)(flags[i][0] - '0');
+        cross[1] = (unsigned char)(flags[i][1] - '0');
+        stochca_forward(&m, images, labels, N, cross, &kv, &err);
+        snprintf(path, sizeof path, TV_DIR "stochca_logits_%s.txt", flags[i]);
+        snprintf(name, sizeof name, "torchvision reference: StochCA flags %s", flags[i]);
+        read_numbers(path, reference, N * K);
+        check_reference(name, m.acts.logits, reference, N * K);
+    }
+    free(images);
+    free(grads);
+    stochca_model_free(&m);
+    stochca_model_free(&pre);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1328,6 +1429,7 @@ int main(void)
     test_config_validation();
     test_checkpoints(&rng);
     test_idx();
+    test_torchvision_reference();
     test_kv_cache(&rng);
     test_skipped_kv(&rng);
     test_allocation_failures();

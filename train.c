@@ -129,12 +129,12 @@ static int parse_dataset(dataset *d, const unsigned char *images, long image_byt
         !parse_idx_header(labels, label_bytes, labels_path, IDX_LABELS_MAGIC, 1, label_dims, msg, msg_size))
         return 0;
     if (image_dims[1] != (uint32_t)image_size || image_dims[2] != (uint32_t)image_size) {
-        snprintf(msg, msg_size, "'%s' holds %lux%lu images, but the model expects %dx%d", images_path,
+        snprintf(msg, msg_size, "'%s' contains %lux%lu images, but the model expects %dx%d", images_path,
                  (unsigned long)image_dims[1], (unsigned long)image_dims[2], image_size, image_size);
         return 0;
     }
     if (image_dims[0] != label_dims[0]) {
-        snprintf(msg, msg_size, "'%s' holds %lu images but '%s' holds %lu labels; the counts must match",
+        snprintf(msg, msg_size, "'%s' contains %lu images but '%s' contains %lu labels; the counts must match",
                  images_path, (unsigned long)image_dims[0], labels_path, (unsigned long)label_dims[0]);
         return 0;
     }
@@ -625,7 +625,7 @@ static int resume_state(stochca_model *m, stochca_rng *rng, const char *path)
         return 0;
     }
     if (m->adam_step == 0) {
-        fprintf(stderr, "train: '%s' holds no training state; --resume needs a file written with "
+        fprintf(stderr, "train: '%s' contains no training state; --resume needs a file written with "
                 "--save-every\n", path);
         return 0;
     }
@@ -635,7 +635,7 @@ static int resume_state(stochca_model *m, stochca_rng *rng, const char *path)
 
 enum { TRAIN_FAILED = 0, TRAIN_DONE = 1, TRAIN_STOPPED = 2 };
 
-/* Trains m on d as options o say. pretrained is needed for StochCA and
+/* Trains m on d with the settings in o. pretrained is needed for StochCA and
    L2-SP and may be NULL otherwise. Returns TRAIN_DONE, TRAIN_STOPPED
    (--stop-after) or TRAIN_FAILED after printing a message. */
 static int train_model(stochca_model *m, stochca_model *pretrained, const dataset *d, const options *o,
