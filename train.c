@@ -294,11 +294,13 @@ static options default_options(int pretraining)
     o.method = pretraining ? METHOD_FT : METHOD_STOCHCA;
     o.p = 0.1;
     o.ratio = 1.0;
-    o.lr = pretraining ? 1e-3 : 5e-4;
+    /* Fine-tuning: chosen by validation accuracy on training-split images
+       outside the 15% subset (see PAPER_NOTES.md), never on the test set. */
+    o.lr = pretraining ? 1e-3 : 4e-3;
     o.wd = 0.05;
     o.head_lr_scale = 1.0;
     o.l2sp_alpha = 0.01;
-    o.epochs = pretraining ? 10 : 10;
+    o.epochs = pretraining ? 10 : 40;
     o.warmup = 100;
     o.batch = pretraining ? 64 : 32;
     o.seed = 0;
@@ -339,10 +341,10 @@ static void print_usage(FILE *f)
         "pretraining and benchmark flags:\n"
         "  --dim D --depth L --heads H --mlp M --patch P   model shape (default 64 6 4 256 7)\n"
         "common flags:\n"
-        "  --epochs E       passes over the training images (default 10)\n"
+        "  --epochs E       passes over the training images (default 40 fine-tuning, 10 pretraining)\n"
         "  --steps N        optimizer steps; overrides --epochs\n"
         "  --batch B        images per step (default 32 fine-tuning, 64 pretraining)\n"
-        "  --lr LR          peak learning rate (default 5e-4 fine-tuning, 1e-3 pretraining)\n"
+        "  --lr LR          peak learning rate (default 4e-3 fine-tuning, 1e-3 pretraining)\n"
         "  --wd WD          AdamW weight decay, >= 0 (default 0.05)\n"
         "  --warmup N       linear warm-up steps before the cosine decay (default 100)\n"
         "  --seed S         seed of the subset, data order, initialization and draws (default 0)\n"
