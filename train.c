@@ -182,48 +182,109 @@ static int load_dataset(dataset *d, const char *images_path, const char *labels_
 /* ---------------------------------------------------------------------------
    Subsets and batches */
 
-/* Picks round(ratio * n_c) images (at least 1) of every class c, chosen by
-   a seeded shuffle within the class, so the subset is stratified and fixed
-   per seed. Returns 0 on allocation failure. */
-static int make_subset(const dataset *src, double ratio, uint64_t seed, dataset *dst)
+/* Shuffles x[0..n-1] in place (Fisher-Yates). */
+static void shuffle_indices(int *x, int n, stochca_rng *rng)
+{
+    int i;
+    for (i = n - 1; i > 0; i--) {
+        int j = (int)(stochca_rng_next(rng) % (uint64_t)(i + 1)), swap = x[i];
+        x[i] = x[j];
+        x[j] = swap;
+    }
+}
+
+/* Splits the images members[0..count-1] of d class by class. One
+   generator seeded with `seed` shuffles the n_c members of each class c,
+   in class order 0 to 9. The first round(fraction * n_c) of them, and at
+   least 1 when n_c > 0, go to picked. The others go to rest unless rest is
+   NULL. picked and rest need room for count indices. Returns 0 on
+   allocation failure. */
+static int split_by_class(const dataset *d, const int *members, int count, double fraction, uint64_t seed,
+                          int *picked, int *picked_count, int *rest, int *rest_count)
+{
+    int *class_members = (int *)malloc((size_t)(count > 0 ? count : 1) * sizeof(int));
+    int c, i;
+    stochca_rng rng;
+
+    if (!class_members)
+        return 0;
+    *picked_count = 0;
+    if (rest_count)
+        *rest_count = 0;
+    stochca_rng_seed(&rng, seed);
+    for (c = 0; c < DATA_CLASSES; c++) {
+        int n = 0, keep;
+        for (i = 0; i < count; i++)
+            if (d->labels[members[i]] == c)
+                class_members[n++] = members[i];
+        shuffle_indices(class_members, n, &rng);
+        keep = (int)floor(fraction * n + 0.5);
+        if (keep < 1 && n > 0)
+            keep = 1;
+        for (i = 0; i < n; i++) {
+            if (i < keep)
+                picked[(*picked_count)++] = class_members[i];
+            else if (rest)
+                rest[(*rest_count)++] = class_members[i];
+        }
+    }
+    free(class_members);
+    return 1;
+}
+
+/* Returns a new array 0, 1, ..., count - 1, or NULL if out of memory. */
+static int *identity_indices(int count)
+{
+    int *x = (int *)malloc((size_t)(count > 0 ? count : 1) * sizeof(int));
+    int i;
+    if (x)
+        for (i = 0; i < count; i++)
+            x[i] = i;
+    return x;
+}
+
+/* Copies images indices[0..count-1] of src, in that order, into a new
+   dataset dst. Returns 0 on allocation failure, with dst empty. */
+static int gather_images(const dataset *src, const int *indices, int count, dataset *dst)
 {
     const size_t image = (size_t)src->rows * src->cols;
-    int *members = (int *)malloc((size_t)src->count * sizeof(int));
-    int c, i, taken = 0;
-    stochca_rng rng;
+    int i;
 
     memset(dst, 0, sizeof *dst);
     dst->rows = src->rows;
     dst->cols = src->cols;
-    dst->pixels = (unsigned char *)malloc((size_t)src->count * image);
-    dst->labels = (unsigned char *)malloc((size_t)src->count);
-    if (!members || !dst->pixels || !dst->labels) {
-        free(members);
+    dst->pixels = (unsigned char *)malloc((size_t)(count > 0 ? count : 1) * image);
+    dst->labels = (unsigned char *)malloc((size_t)(count > 0 ? count : 1));
+    if (!dst->pixels || !dst->labels) {
         free_dataset(dst);
         return 0;
     }
-    stochca_rng_seed(&rng, seed * 1000003u + 17u);
-    for (c = 0; c < DATA_CLASSES; c++) {
-        int n = 0, keep;
-        for (i = 0; i < src->count; i++)
-            if (src->labels[i] == c)
-                members[n++] = i;
-        for (i = n - 1; i > 0; i--) {
-            int j = (int)(stochca_rng_next(&rng) % (uint64_t)(i + 1)), swap = members[i];
-            members[i] = members[j];
-            members[j] = swap;
-        }
-        keep = (int)floor(ratio * n + 0.5);
-        if (keep < 1 && n > 0)
-            keep = 1;
-        for (i = 0; i < keep; i++, taken++) {
-            memcpy(dst->pixels + (size_t)taken * image, src->pixels + (size_t)members[i] * image, image);
-            dst->labels[taken] = src->labels[members[i]];
-        }
+    for (i = 0; i < count; i++) {
+        memcpy(dst->pixels + (size_t)i * image, src->pixels + (size_t)indices[i] * image, image);
+        dst->labels[i] = src->labels[indices[i]];
     }
-    dst->count = taken;
-    free(members);
+    dst->count = count;
     return 1;
+}
+
+/* Picks round(ratio * n_c) images (at least 1) of every class c, chosen by
+   a seeded shuffle within the class, so the subset is stratified and fixed
+   per seed. The shuffle does not depend on the ratio, so for one seed a
+   smaller ratio gives a subset of a larger one. Returns 0 on allocation
+   failure. */
+static int make_subset(const dataset *src, double ratio, uint64_t seed, dataset *dst)
+{
+    int *all = identity_indices(src->count);
+    int *picked = (int *)malloc((size_t)(src->count > 0 ? src->count : 1) * sizeof(int));
+    int count = 0, ok;
+
+    memset(dst, 0, sizeof *dst);
+    ok = all && picked &&
+         split_by_class(src, all, src->count, ratio, seed * 1000003u + 17u, picked, &count, NULL, NULL) &&
+         gather_images(src, picked, count, dst);
+    free(all);
+    free(picked);
+    return ok;
 }
 
 /* The order of images in epoch `epoch`: a shuffle seeded by (seed, epoch),
