@@ -973,6 +973,156 @@ static void test_idx(void)
 }
 
 /* ---------------------------------------------------------------------------
+   Sweeps: splits, summaries and the choice of p */
+
+#define SIDE 28
+
+/* A data set whose image i stores i in its first two pixels, so splits can
+   be checked by index; classes of unequal size. */
+static void make_indexed_dataset(dataset *d, int count)
+{
+    int i;
+    d->count = count;
+    d->rows = d->cols = SIDE;
+    d->pixels = (unsigned char *)calloc((size_t)count, SIDE * SIDE);
+    d->labels = (unsigned char *)malloc((size_t)count);
+    for (i = 0; i < count; i++) {
+        d->pixels[(size_t)i * SIDE * SIDE] = (unsigned char)(i & 255);
+        d->pixels[(size_t)i * SIDE * SIDE + 1] = (unsigned char)(i >> 8);
+        d->labels[i] = (unsigned char)((i * i + i / 7) % DATA_CLASSES);
+    }
+}
+
+static int image_index(const dataset *d, int k)
+{
+    return d->pixels[(size_t)k * SIDE * SIDE] | d->pixels[(size_t)k * SIDE * SIDE + 1] << 8;
+}
+
+static void test_validation_split(void)
+{
+    static const double ratios[4] = {0.15, 0.30, 0.50, 1.00};
+    dataset full, pool, val, again_pool, again_val, train;
+    unsigned char in_val[3000] = {0};
+    int i, k, overlaps = 0, repeats = 0, ratio_one_missing = 0, same;
+    long seed;
+    char detail[200];
+
+    make_indexed_dataset(&full, 3000);
+    split_validation(&full, &pool, &val);
+    split_validation(&full, &again_pool, &again_val);
+    same = val.count == again_val.count && memcmp(val.pixels, again_val.pixels, (size_t)val.count * SIDE * SIDE) == 0;
+    check_true("validation split fixed", same, "two calls give the same validation images in the same order");
+    snprintf(detail, sizeof detail, "%d validation + %d pool of %d images", val.count, pool.count, full.count);
+    check_true("validation split takes 10 percent", val.count + pool.count == full.count && abs(val.count - 300) <= 5,
+               detail);
+    for (k = 0; k < val.count; k++)
+        in_val[image_index(&val, k)] = 1;
+
+    for (seed = 0; seed < 3; seed++)
+        for (i = 0; i < 4; i++) {
+            unsigned char in_train[3000] = {0};
+            make_subset(&pool, ratios[i], (uint64_t)seed, &train);
+            for (k = 0; k < train.count; k++) {
+                const int index = image_index(&train, k);
+                overlaps += in_val[index];
+                repeats += in_train[index]++;
+            }
+            if (ratios[i] == 1.0)
+                ratio_one_missing += pool.count - train.count;
+            free_dataset(&train);
+        }
+    snprintf(detail, sizeof detail, "seeds 0-2 x ratios 0.15-1: %d training images in validation, %d repeated, "
+             "%d pool images missing at ratio 1", overlaps, repeats, ratio_one_missing);
+    check_true("validation split disjoint from subsets", overlaps == 0 && repeats == 0, detail);
+    check_true("subset at ratio 1 is whole pool", ratio_one_missing == 0, detail);
+
+    free_dataset(&full);
+    free_dataset(&pool);
+    free_dataset(&val);
+    free_dataset(&again_pool);
+    free_dataset(&again_val);
+}
+
+static run_record hand_record(const char *method, double p, double ratio, long seed, double val, double test)
+{
+    run_record r;
+    memset(&r, 0, sizeof r);
+    r.method = method;
+    r.p = p;
+    r.ratio = ratio;
+    r.domain = NO_DOMAIN;
+    r.seed = seed;
+    r.val_acc = val;
+    r.test_acc = test;
+    return r;
+}
+
+static void test_summaries(void)
+{
+    const double x[3] = {1, 2, 4};
+    double mean, std;
+    run_record records[6];
+    summary_cell cells[6];
+    run_table table;
+    char detail[200];
+    int count;
+
+    memset(cells, 0, sizeof cells);
+    mean_std(x, 3, &mean, &std);
+    snprintf(detail, sizeof detail, "{1, 2, 4}: mean %.6f (7/3), std %.6f (sqrt(7/3) = 1.527525)", mean, std);
+    check_true("mean of three values by hand", fabs(mean - 7.0 / 3.0) < 1e-12, detail);
+    check_true("sample std of three values by hand", fabs(std - sqrt(7.0 / 3.0)) < 1e-12, detail);
+    mean_std(x, 1, &mean, &std);
+    check_true("sample std of one value is NaN", mean == 1 && isnan(std), "n = 1: mean 1, std NaN");
+
+    records[0] = hand_record("ft", 0, 0.15, 0, 80, 90);
+    records[1] = hand_record("stochca", 0.1, 0.15, 0, 81, 91);
+    records[2] = hand_record("ft", 0, 0.15, 1, 82, 92);
+    records[3] = hand_record("ft", 0, 0.30, 0, 70, 70);
+    records[4] = hand_record("ft", 0, 0.15, 2, 84, 94);
+    records[5] = hand_record("stochca", 0.3, 0.15, 0, 85, 85);
+    table.runs = records;
+    table.count = table.capacity = 6;
+    count = summarize_runs(&table, cells);
+    snprintf(detail, sizeof detail, "%d cells; ft 0.15: n %d, test mean %.3f, std %.3f, val mean %.3f", count,
+             cells[0].n, cells[0].test_mean, cells[0].test_std, cells[0].val_mean);
+    check_true("summary groups runs by cell", count == 4 && cells[0].n == 3 && cells[1].n == 1 && cells[2].n == 1 &&
+                                               cells[2].ratio == 0.30 && cells[3].p == 0.3, detail);
+    check_true("summary mean and std by hand", fabs(cells[0].test_mean - 92) < 1e-12 &&
+                                               fabs(cells[0].test_std - 2) < 1e-12 &&
+                                               fabs(cells[0].val_mean - 82) < 1e-12, detail);
+}
+
+static void test_choose_p(void)
+{
+    summary_cell cells[3];
+    memset(cells, 0, sizeof cells);
+    cells[0].p = 0.1;
+    cells[0].val_mean = 90;
+    cells[0].test_mean = 99;   /* best test accuracy */
+    cells[1].p = 0.3;
+    cells[1].val_mean = 95;    /* best validation accuracy */
+    cells[1].test_mean = 80;
+    cells[2].p = 0.5;
+    cells[2].val_mean = 95;    /* ties with 0.3 */
+    cells[2].test_mean = 70;
+    check_true("p choice ignores test accuracy", choose_p(cells, 3) == 0.3,
+               "validation 90, 95, 95 and test 99, 80, 70 for p 0.1, 0.3, 0.5 give p 0.3");
+}
+
+static void test_output_folder(void)
+{
+    struct stat info;
+    const int made = make_folder("test_sweep.tmp.d/a/b");
+    check_true("output folder created with parents", made && stat("test_sweep.tmp.d/a/b", &info) == 0 &&
+                                                     S_ISDIR(info.st_mode), "test_sweep.tmp.d/a/b");
+    check_true("existing output folder accepted", make_folder("test_sweep.tmp.d/a/b"), "second call succeeds");
+    remove("test_sweep.tmp.d/a/b");
+    remove("test_sweep.tmp.d/a");
+    remove("test_sweep.tmp.d");
+}
+
+/* ---------------------------------------------------------------------------
    Allocation failures: each one is returned as STOCHCA_ERR_NOMEM, and
    nothing stays allocated after stochca_model_free. */
 
@@ -1097,6 +1247,24 @@ static void test_driver_flags(void)
                   "train: cannot open 'no/such/dir/mnist-train-images.idx'");
     check_command("missing checkpoint rejected", "./train " FT_FLAGS " --checkpoint no/such.bin", 1,
                   "train: cannot open checkpoint 'no/such.bin'; check the path");
+}
+
+static void test_driver_sweep_flags(void)
+{
+    check_command("tl-sweep rejects --method", "./train tl-sweep --method ft", 2,
+                  "train: invalid flag '--method' for tl-sweep, expected one of: --seeds");
+    check_command("finetune rejects --seeds", "./train finetune --seeds 2", 2,
+                  "train: --seeds is a flag of tl-sweep only");
+    check_command("flag seeds 0 rejected", "./train tl-sweep --seeds 0", 2,
+                  "train: invalid value '0' for --seeds, expected an integer from 1 to 1000");
+    check_command("out-dir that is a file rejected", "./train tl-sweep --out-dir README.md", 1,
+                  "train: --out-dir 'README.md' exists but is not a folder");
+    check_command("tl-sweep missing data rejected", "./train tl-sweep --data no/such/dir --out-dir test_sweep.tmp.d", 1,
+                  "train: cannot open 'no/such/dir/mnist-train-images.idx'");
+    check_command("tl-sweep missing checkpoint rejected",
+                  "./train tl-sweep --checkpoint no/such.bin --out-dir test_sweep.tmp.d", 1,
+                  "train: cannot open checkpoint 'no/such.bin'; check the path");
+    remove("test_sweep.tmp.d");
 }
 
 /* A valid checkpoint for 32x32x3 images must not be used on MNIST. */
@@ -1432,8 +1600,13 @@ int main(void)
     test_torchvision_reference();
     test_kv_cache(&rng);
     test_skipped_kv(&rng);
+    test_validation_split();
+    test_summaries();
+    test_choose_p();
+    test_output_folder();
     test_allocation_failures();
     test_driver_flags();
+    test_driver_sweep_flags();
     test_driver_other_shape(&rng);
     test_driver_resume();
     test_driver_threads();

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>  /* mkdir and stat for the sweeps' --out-dir (POSIX) */
 #include <time.h>
 
 #ifdef _OPENMP
@@ -346,6 +347,9 @@ typedef struct {
     long save_every;        /* save the training state to out every N steps (0: never) */
     long stop_after;        /* stop after this step, as if interrupted (0: never) */
     long kv_cache_mb;       /* memory budget of the pretrained K/V cache (0: no cache) */
+    int p_given;            /* --p was on the command line */
+    int seeds;              /* sweeps: seeds 0 to seeds - 1 of every cell */
+    const char *out_dir;    /* sweeps: folder of the TSV and SVG files */
 } options;
 
 static options default_options(int pretraining)
@@ -378,8 +382,13 @@ static options default_options(int pretraining)
     o.data_dir = "data";
     o.checkpoint = "data/pretrained.bin";
     o.out = pretraining ? "pretrained.bin" : NULL;
+    o.seeds = 3;
+    o.out_dir = "out";
     return o;
 }
+
+/* Steps of every sweep run, whatever the size of its training set. */
+#define SWEEP_DEFAULT_STEPS 400
 
 static void print_usage(FILE *f)
 {
@@ -390,6 +399,9 @@ static void print_usage(FILE *f)
         "       ./train pretrain [flags]   train a ViT from scratch on Fashion-MNIST\n"
         "       ./train bench [flags]      time inference and training steps on random images\n"
         "                                  (default: patch 4, D 64, L 6, H 4, M 256, batch 64, p 0.5)\n"
+        "       ./train tl-sweep [flags]   transfer learning on MNIST: ft, stochca, l2sp,\n"
+        "                                  stochca+l2sp and scratch at ratios 0.15, 0.30, 0.50\n"
+        "                                  and 1, and StochCA with p 0.1 to 0.9 at ratio 0.15\n"
         "       ./train --help\n"
         "\n"
         "fine-tuning flags:\n"
@@ -418,7 +430,16 @@ static void print_usage(FILE *f)
         "                   exactly as in the interrupted run\n"
         "  --stop-after N   stop after step N as if interrupted (to test --resume)\n"
         "  --kv-cache-mb N  memory budget in MiB for caching the pretrained keys and values\n"
-        "                   of every training image; 0 recomputes them every step (default 1024)\n");
+        "                   of every training image; 0 recomputes them every step (default 1024)\n"
+        "tl-sweep flags (tl-sweep also takes --steps, --batch, --lr, --wd, --warmup,\n"
+        "--l2sp-alpha, --head-lr-scale, --checkpoint, --data, --threads and --kv-cache-mb):\n"
+        "  --seeds N        run seeds 0 to N-1 of every setting (default 3)\n"
+        "  --steps N        optimizer steps of every run, whatever its ratio (default 400)\n"
+        "  --out-dir DIR    folder for the TSV and SVG files, created if missing (default out)\n"
+        "  --p P            p of the StochCA runs (default: the p of the p sweep with the\n"
+        "                   best mean validation accuracy)\n"
+        "tl-sweep validates on a fixed 10%% of every class of the MNIST training split and\n"
+        "draws its training subsets from the other 90%%.\n");
 }
 
 static int parse_double(const char *flag, const char *text, double low, double high, int low_open, double *out)
@@ -481,7 +502,7 @@ static int parse_flag(options *o, const char *flag, const char *value)
         return 0;
     }
     if (!strcmp(flag, "--method")) return parse_method(value, &o->method);
-    if (!strcmp(flag, "--p")) return parse_double(flag, value, 0, 1, 0, &o->p);
+    if (!strcmp(flag, "--p")) { o->p_given = 1; return parse_double(flag, value, 0, 1, 0, &o->p); }
     if (!strcmp(flag, "--ratio")) return parse_double(flag, value, 0, 1, 1, &o->ratio);
     if (!strcmp(flag, "--lr")) return parse_double(flag, value, 0, 1, 1, &o->lr);
     if (!strcmp(flag, "--wd")) return parse_double(flag, value, 0, 10, 0, &o->wd);
@@ -505,16 +526,51 @@ static int parse_flag(options *o, const char *flag, const char *value)
     if (!strcmp(flag, "--save-every")) return parse_long(flag, value, 1, 100000000L, &o->save_every);
     if (!strcmp(flag, "--stop-after")) return parse_long(flag, value, 1, 100000000L, &o->stop_after);
     if (!strcmp(flag, "--kv-cache-mb")) return parse_long(flag, value, 0, 1048576L, &o->kv_cache_mb);
+    if (!strcmp(flag, "--seeds")) return parse_int(flag, value, 1, 1000, &o->seeds);
+    if (!strcmp(flag, "--out-dir")) { o->out_dir = value; return 1; }
     fprintf(stderr, "train: unknown flag '%s'\n\n", flag);
     print_usage(stderr);
     return 0;
 }
 
-static int parse_options(options *o, int argc, char **argv)
+/* Flags that only the sweeps read, and the flags that each sweep accepts.
+   A sweep sets the method, p, ratio and seed of every run itself. */
+static const char *const sweep_only_flags[] = {"--seeds", "--out-dir", NULL};
+static const char *const tl_sweep_flags[] = {"--seeds", "--steps", "--out-dir", "--p", "--batch", "--lr", "--wd",
+                                             "--warmup", "--l2sp-alpha", "--head-lr-scale", "--checkpoint",
+                                             "--data", "--threads", "--kv-cache-mb", NULL};
+
+static int is_listed(const char *const *list, const char *flag)
+{
+    for (; *list; list++)
+        if (!strcmp(*list, flag))
+            return 1;
+    return 0;
+}
+
+/* Returns 0 after printing a message if `command` does not take `flag`. */
+static int check_flag(const char *command, const char *flag)
+{
+    const char *const *accepted = !strcmp(command, "tl-sweep") ? tl_sweep_flags : NULL;
+    if (accepted && !is_listed(accepted, flag)) {
+        fprintf(stderr, "train: invalid flag '%s' for %s, expected one of:", flag, command);
+        for (; *accepted; accepted++)
+            fprintf(stderr, " %s", *accepted);
+        fprintf(stderr, "\n");
+        return 0;
+    }
+    if (!accepted && is_listed(sweep_only_flags, flag)) {
+        fprintf(stderr, "train: %s is a flag of tl-sweep only\n", flag);
+        return 0;
+    }
+    return 1;
+}
+
+static int parse_options(options *o, const char *command, int argc, char **argv)
 {
     int i;
     for (i = 0; i < argc; i += 2)
-        if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
+        if (!check_flag(command, argv[i]) || !parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
             return 0;
     if (o->save_every > 0 && !o->out) {
         fprintf(stderr, "train: --save-every needs --out, the file to save the training state to\n");
@@ -1185,12 +1241,945 @@ static int cmd_bench(const options *o)
     return 1;
 }
 
+/* ---------------------------------------------------------------------------
+   Sweep runs and their summaries */
+
+#define NO_DOMAIN (-1)      /* run_record.domain of transfer-learning runs */
+#define DOMAIN_AVERAGE (-2) /* run_record.domain of a per-seed average over held-out domains */
+
+/* Outcome of one sweep run. */
+typedef struct {
+    const char *method;   /* ft, stochca, l2sp, stochca+l2sp or scratch */
+    double p;             /* StochCA cross-attention probability, 0 for methods without StochCA */
+    double ratio;         /* fraction of the training pool (transfer learning), 0 otherwise */
+    int domain;           /* held-out rotation angle in degrees, NO_DOMAIN or DOMAIN_AVERAGE */
+    long seed;
+    long steps;
+    long best_step;       /* step of the evaluated parameters: the last step, or the best validation */
+    int train_images;
+    double val_acc;       /* percent */
+    double test_acc;      /* percent */
+    double seconds;
+} run_record;
+
+/* Runs in the order they finished. */
+typedef struct {
+    run_record *runs;
+    int count, capacity;
+} run_table;
+
+static int init_table(run_table *t, int capacity)
+{
+    t->count = 0;
+    t->capacity = capacity;
+    t->runs = (run_record *)calloc((size_t)(capacity > 0 ? capacity : 1), sizeof(run_record));
+    if (!t->runs)
+        fprintf(stderr, "train: out of memory for a table of %d runs\n", capacity);
+    return t->runs != NULL;
+}
+
+static void free_table(run_table *t)
+{
+    free(t->runs);
+    memset(t, 0, sizeof *t);
+}
+
+/* Returns the run of table t with these settings, or NULL. */
+static const run_record *find_run(const run_table *t, const char *method, double p, double ratio, int domain,
+                                  long seed)
+{
+    int i;
+    for (i = 0; i < t->count; i++) {
+        const run_record *r = &t->runs[i];
+        if (!strcmp(r->method, method) && r->p == p && r->ratio == ratio && r->domain == domain && r->seed == seed)
+            return r;
+    }
+    return NULL;
+}
+
+/* Mean and sample standard deviation (divisor n - 1) of x[0..n-1]. The
+   standard deviation is NaN when n < 2, and both are NaN when n == 0. */
+static void mean_std(const double *x, int n, double *mean, double *std)
+{
+    double sum = 0, squares = 0;
+    int i;
+    for (i = 0; i < n; i++)
+        sum += x[i];
+    *mean = n > 0 ? sum / n : NAN;
+    for (i = 0; i < n; i++)
+        squares += (x[i] - *mean) * (x[i] - *mean);
+    *std = n > 1 ? sqrt(squares / (n - 1)) : NAN;
+}
+
+/* Mean and sample standard deviation over the seeds of one cell: the runs
+   that share method, p, ratio and domain. */
+typedef struct {
+    const char *method;
+    double p, ratio;
+    int domain;
+    int n;                /* number of runs (seeds) */
+    double val_mean, val_std, test_mean, test_std;
+} summary_cell;
+
+static int same_cell(const run_record *r, const summary_cell *c)
+{
+    return !strcmp(r->method, c->method) && r->p == c->p && r->ratio == c->ratio && r->domain == c->domain;
+}
+
+/* Summarizes the runs of t by cell, in the order in which each cell first
+   occurs. cells needs room for t->count entries. Returns the number of
+   cells, or -1 after printing a message if out of memory. */
+static int summarize_runs(const run_table *t, summary_cell *cells)
+{
+    double *val = (double *)malloc((size_t)(t->count > 0 ? t->count : 1) * sizeof(double));
+    double *test = (double *)malloc((size_t)(t->count > 0 ? t->count : 1) * sizeof(double));
+    int count = 0, i, k;
+
+    if (!val || !test) {
+        fprintf(stderr, "train: out of memory for the summary of %d runs\n", t->count);
+        free(val);
+        free(test);
+        return -1;
+    }
+    for (i = 0; i < t->count; i++) {
+        const run_record *r = &t->runs[i];
+        summary_cell *c = &cells[count];
+        for (k = 0; k < count; k++)
+            if (same_cell(r, &cells[k]))
+                break;
+        if (k < count)
+            continue;
+        memset(c, 0, sizeof *c);
+        c->method = r->method;
+        c->p = r->p;
+        c->ratio = r->ratio;
+        c->domain = r->domain;
+        for (k = i; k < t->count; k++)
+            if (same_cell(&t->runs[k], c)) {
+                val[c->n] = t->runs[k].val_acc;
+                test[c->n] = t->runs[k].test_acc;
+                c->n++;
+            }
+        mean_std(val, c->n, &c->val_mean, &c->val_std);
+        mean_std(test, c->n, &c->test_mean, &c->test_std);
+        count++;
+    }
+    free(val);
+    free(test);
+    return count;
+}
+
+/* Allocates *cells and summarizes t into it. Returns the number of cells,
+   or -1 after printing a message if out of memory. */
+static int summarize_table(const run_table *t, summary_cell **cells)
+{
+    *cells = (summary_cell *)malloc((size_t)(t->count > 0 ? t->count : 1) * sizeof **cells);
+    if (!*cells) {
+        fprintf(stderr, "train: out of memory for the summary of %d runs\n", t->count);
+        return -1;
+    }
+    return summarize_runs(t, *cells);
+}
+
+/* Returns the cell with these settings, or NULL. */
+static const summary_cell *find_cell(const summary_cell *cells, int count, const char *method, double p,
+                                     double ratio, int domain)
+{
+    int i;
+    for (i = 0; i < count; i++)
+        if (!strcmp(cells[i].method, method) && cells[i].p == p && cells[i].ratio == ratio &&
+            cells[i].domain == domain)
+            return &cells[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------
+   Output files */
+
+/* Creates the folder `path` and its missing parents, as mkdir -p does.
+   Returns 0 after printing a message on failure. */
+static int make_folder(const char *path)
+{
+    char partial[1024];
+    const size_t length = strlen(path);
+    struct stat info;
+    size_t i;
+
+    if (length == 0 || length >= sizeof partial) {
+        fprintf(stderr, "train: invalid --out-dir '%s', expected 1 to %zu characters\n", path, sizeof partial - 1);
+        return 0;
+    }
+    for (i = 1; i <= length; i++) {
+        if (path[i] != '/' && path[i] != '\0')
+            continue;
+        memcpy(partial, path, i);
+        partial[i] = '\0';
+        if (mkdir(partial, 0777) != 0 && errno != EEXIST) {
+            fprintf(stderr, "train: cannot create folder '%s': %s\n", partial, strerror(errno));
+            return 0;
+        }
+    }
+    if (stat(path, &info) != 0 || !S_ISDIR(info.st_mode)) {
+        fprintf(stderr, "train: --out-dir '%s' exists but is not a folder\n", path);
+        return 0;
+    }
+    return 1;
+}
+
+/* Opens folder/name for writing and stores the full name in path.
+   Returns NULL after printing a message. */
+static FILE *open_output(const char *folder, const char *name, char *path, size_t path_size)
+{
+    FILE *f;
+    snprintf(path, path_size, "%s/%s", folder, name);
+    f = fopen(path, "w");
+    if (!f)
+        fprintf(stderr, "train: cannot create '%s': %s\n", path, strerror(errno));
+    return f;
+}
+
+/* Closes f. Returns 0 after printing a message if any write to it failed. */
+static int close_output(FILE *f, const char *path)
+{
+    const int failed = ferror(f);
+    if (fclose(f) != 0 || failed) {
+        fprintf(stderr, "train: writing '%s' failed; check that its disk has free space\n", path);
+        return 0;
+    }
+    return 1;
+}
+
+/* Writes x with two decimals, or "nan" (a standard deviation of one run). */
+static void write_percent(FILE *f, double x)
+{
+    if (isnan(x))
+        fprintf(f, "nan");
+    else
+        fprintf(f, "%.2f", x);
+}
+
+static void write_domain(FILE *f, int domain)
+{
+    if (domain == DOMAIN_AVERAGE)
+        fprintf(f, "avg");
+    else
+        fprintf(f, "%d", domain);
+}
+
+/* Column names of a runs file: transfer learning has a ratio, domain
+   generalization a held-out domain and the selected step. */
+static void write_runs_header(FILE *f, int domains)
+{
+    fprintf(f, domains ? "method\tp\ttest_domain\tseed\tsteps\tbest_step\ttrain_images\tval_acc\ttest_acc\tseconds\n"
+                       : "method\tp\tratio\tseed\tsteps\ttrain_images\tval_acc\ttest_acc\tseconds\n");
+}
+
+/* Appends one run to a runs file and flushes it, so an interrupted sweep
+   keeps every finished run. */
+static void write_run_row(FILE *f, const run_record *r, int domains)
+{
+    fprintf(f, "%s\t%g\t", r->method, r->p);
+    if (domains)
+        fprintf(f, "%d\t%ld\t%ld\t%ld\t", r->domain, r->seed, r->steps, r->best_step);
+    else
+        fprintf(f, "%.2f\t%ld\t%ld\t", r->ratio, r->seed, r->steps);
+    fprintf(f, "%d\t%.2f\t%.2f\t%.1f\n", r->train_images, r->val_acc, r->test_acc, r->seconds);
+    fflush(f);
+}
+
+/* Writes folder/name: one row per cell with the mean and sample standard
+   deviation over seeds. Returns 0 after printing a message. */
+static int write_summary(const char *folder, const char *name, const summary_cell *cells, int count, int domains)
+{
+    char path[1100];
+    FILE *f = open_output(folder, name, path, sizeof path);
+    int i;
+
+    if (!f)
+        return 0;
+    fprintf(f, "method\tp\t%s\tseeds\tval_mean\tval_std\ttest_mean\ttest_std\n", domains ? "test_domain" : "ratio");
+    for (i = 0; i < count; i++) {
+        const summary_cell *c = &cells[i];
+        fprintf(f, "%s\t%g\t", c->method, c->p);
+        if (domains)
+            write_domain(f, c->domain);
+        else
+            fprintf(f, "%.2f", c->ratio);
+        fprintf(f, "\t%d\t", c->n);
+        write_percent(f, c->val_mean);
+        fprintf(f, "\t");
+        write_percent(f, c->val_std);
+        fprintf(f, "\t");
+        write_percent(f, c->test_mean);
+        fprintf(f, "\t");
+        write_percent(f, c->test_std);
+        fprintf(f, "\n");
+    }
+    return close_output(f, path);
+}
+
+/* ---------------------------------------------------------------------------
+   SVG figures, written element by element with fprintf */
+
+#define FIGURE_WIDTH 760
+#define FIGURE_HEIGHT 460
+#define FIGURE_LEFT 70     /* room for the y tick labels and title */
+#define FIGURE_TOP 40      /* room for the title */
+#define FIGURE_RIGHT 200   /* room for the legend */
+#define FIGURE_BOTTOM 60   /* room for the x tick labels and title */
+
+static const char *const series_colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#7f7f7f", "#ff7f0e"};
+
+/* A figure with one plot area, which maps data coordinates (x to the
+   right, y up) to SVG user units (y down). */
+typedef struct {
+    FILE *f;
+    double x_min, x_max, y_min, y_max;  /* data range of the plot area */
+    double left, top, width, height;    /* plot area in user units */
+    int legend_rows;
+} svg_figure;
+
+static double figure_x(const svg_figure *g, double x)
+{
+    return g->left + (x - g->x_min) / (g->x_max - g->x_min) * g->width;
+}
+
+static double figure_y(const svg_figure *g, double y)
+{
+    return g->top + (g->y_max - y) / (g->y_max - g->y_min) * g->height;
+}
+
+/* Picks a y range of whole ticks around [low, high], clipped to [0, 100],
+   and the tick step: 2, 5 or 10 percentage points. */
+static void accuracy_range(double low, double high, double *y_min, double *y_max, double *step)
+{
+    const double span = high - low;
+    if (span <= 8)
+        *step = 2;
+    else if (span <= 25)
+        *step = 5;
+    else
+        *step = 10;
+    *y_min = floor(low / *step) * *step;
+    *y_max = ceil(high / *step) * *step;
+    if (*y_min < 0)
+        *y_min = 0;
+    if (*y_max > 100)
+        *y_max = 100;
+    if (*y_max <= *y_min)
+        *y_max = *y_min + *step;
+}
+
+/* Writes the SVG header, a white background and the title. */
+static void figure_begin(svg_figure *g, FILE *f, const char *title, double x_min, double x_max, double y_min,
+                         double y_max)
+{
+    g->f = f;
+    g->x_min = x_min;
+    g->x_max = x_max;
+    g->y_min = y_min;
+    g->y_max = y_max;
+    g->left = FIGURE_LEFT;
+    g->top = FIGURE_TOP;
+    g->width = FIGURE_WIDTH - FIGURE_LEFT - FIGURE_RIGHT;
+    g->height = FIGURE_HEIGHT - FIGURE_TOP - FIGURE_BOTTOM;
+    g->legend_rows = 0;
+    fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+               "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\" "
+               "font-family=\"sans-serif\" font-size=\"12\">\n",
+            FIGURE_WIDTH, FIGURE_HEIGHT, FIGURE_WIDTH, FIGURE_HEIGHT);
+    fprintf(f, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", FIGURE_WIDTH, FIGURE_HEIGHT);
+    fprintf(f, "<text x=\"%d\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">%s</text>\n", FIGURE_WIDTH / 2, title);
+}
+
+/* Draws the frame, a grid line and label every y_step, the labels of the
+   x ticks and both axis titles. */
+static void figure_axes(const svg_figure *g, int x_count, const double *x_ticks, const char *const *x_labels,
+                        double y_step, const char *x_title, const char *y_title)
+{
+    const double bottom = g->top + g->height;
+    double y;
+    int i;
+
+    for (y = g->y_min; y <= g->y_max + 1e-9; y += y_step) {
+        fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#dddddd\"/>\n", g->left,
+                figure_y(g, y), g->left + g->width, figure_y(g, y));
+        fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", g->left - 6, figure_y(g, y) + 4,
+                y);
+    }
+    for (i = 0; i < x_count; i++)
+        fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", figure_x(g, x_ticks[i]),
+                bottom + 18, x_labels[i]);
+    fprintf(g->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n",
+            g->left, g->top, g->width, g->height);
+    fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", g->left + g->width / 2,
+            bottom + 42, x_title);
+    fprintf(g->f, "<text transform=\"translate(18 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
+            g->top + g->height / 2, y_title);
+}
+
+/* Draws a vertical error bar from mean - std to mean + std with caps.
+   Draws nothing when std is NaN (a single seed) or 0. */
+static void figure_error_bar(const svg_figure *g, double x, double mean, double std, const char *color)
+{
+    const double px = figure_x(g, x), low = figure_y(g, mean - std), high = figure_y(g, mean + std);
+    if (!(std > 0))
+        return;
+    fprintf(g->f, "<path d=\"M%.1f %.1fV%.1fM%.1f %.1fH%.1fM%.1f %.1fH%.1f\" stroke=\"%s\" fill=\"none\"/>\n", px,
+            low, high, px - 4, low, px + 4, px - 4, high, px + 4, color);
+}
+
+/* Draws a line through the points (x[i], mean[i]) with a marker and an
+   error bar of +- std[i] at each. Points with a NaN mean are left out. */
+static void figure_series(const svg_figure *g, const char *color, int dashed, int n, const double *x,
+                          const double *mean, const double *std)
+{
+    int i, first = 1;
+    fprintf(g->f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"", color,
+            dashed ? " stroke-dasharray=\"6 4\"" : "");
+    for (i = 0; i < n; i++)
+        if (!isnan(mean[i])) {
+            fprintf(g->f, "%s%.1f,%.1f", first ? "" : " ", figure_x(g, x[i]), figure_y(g, mean[i]));
+            first = 0;
+        }
+    fprintf(g->f, "\"/>\n");
+    for (i = 0; i < n; i++)
+        if (!isnan(mean[i])) {
+            figure_error_bar(g, x[i], mean[i], std[i], color);
+            fprintf(g->f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"%s\"/>\n", figure_x(g, x[i]),
+                    figure_y(g, mean[i]), color);
+        }
+}
+
+/* Draws a horizontal or vertical reference line across the plot area. */
+static void figure_reference_line(const svg_figure *g, int vertical, double at, const char *color)
+{
+    if (vertical)
+        fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-dasharray=\"2 3\"/>\n",
+                figure_x(g, at), g->top, figure_x(g, at), g->top + g->height, color);
+    else
+        fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-dasharray=\"6 4\"/>\n",
+                g->left, figure_y(g, at), g->left + g->width, figure_y(g, at), color);
+}
+
+/* Adds a row to the legend to the right of the plot area. */
+static void figure_legend(svg_figure *g, const char *color, const char *label, int dashed)
+{
+    const double x = g->left + g->width + 16, y = g->top + 10 + 20 * g->legend_rows++;
+    fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"%s/>\n", x, y,
+            x + 24, y, color, dashed ? " stroke-dasharray=\"6 4\"" : "");
+    fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", x + 30, y + 4, label);
+}
+
+static void figure_end(svg_figure *g)
+{
+    fprintf(g->f, "</svg>\n");
+}
+
+/* ---------------------------------------------------------------------------
+   Sweeps: shared parts */
+
+/* Data, model and files shared by the runs of one sweep. */
+typedef struct {
+    options o;                 /* the flags, with method, p, ratio and seed set per run */
+    stochca_model pre;         /* the pretrained checkpoint, frozen */
+    dataset pool, val, test;   /* tl-sweep: training pool, validation set, MNIST test split */
+    FILE *runs_file, *p_runs_file;
+    char runs_path[1100], p_runs_path[1100];
+    int done, total;           /* runs started and planned, for progress labels */
+} sweep;
+
+/* Frees the data and model of a sweep and closes its runs files. Returns 0
+   after printing a message if a write to a runs file failed. */
+static int close_sweep(sweep *s)
+{
+    int ok = 1;
+    if (s->runs_file)
+        ok = close_output(s->runs_file, s->runs_path);
+    if (s->p_runs_file)
+        ok = close_output(s->p_runs_file, s->p_runs_path) && ok;
+    stochca_model_free(&s->pre);
+    free_dataset(&s->pool);
+    free_dataset(&s->val);
+    free_dataset(&s->test);
+    memset(s, 0, sizeof *s);
+    return ok;
+}
+
+/* Creates the output folder and opens folder/name as a runs file with its
+   header. Returns NULL after printing a message. */
+static FILE *open_runs_file(const options *o, const char *name, char *path, size_t path_size, int domains)
+{
+    FILE *f = open_output(o->out_dir, name, path, path_size);
+    if (f)
+        write_runs_header(f, domains);
+    return f;
+}
+
+/* Builds the model of one run: the pretrained backbone with a new head or,
+   for scratch, a random initialization of the same shape seeded with seed. */
+static int init_run_model(stochca_model *m, const stochca_model *pre, int scratch, long seed)
+{
+    stochca_config c = pre->config;
+    stochca_error err;
+    stochca_rng rng;
+    int status;
+
+    c.classes = DATA_CLASSES;
+    if (scratch) {
+        status = stochca_model_init(m, &c, &err);
+        if (status == STOCHCA_OK) {
+            stochca_rng_seed(&rng, (uint64_t)seed);
+            stochca_model_init_random(m, &rng);
+        }
+    } else {
+        status = stochca_model_init_transfer(m, pre, DATA_CLASSES, &err);
+    }
+    if (status != STOCHCA_OK)
+        fprintf(stderr, "train: %s\n", err.message);
+    return status == STOCHCA_OK;
+}
+
+/* Writes the progress label of the next run of s, such as
+   "[3/72] stochca p=0.3 ratio 0.15 seed 1". */
+static void run_label(char *label, size_t size, sweep *s, const run_record *r)
+{
+    char p[32] = "", where[48];
+    if (r->p > 0)
+        snprintf(p, sizeof p, " p=%g", r->p);
+    if (r->domain == NO_DOMAIN)
+        snprintf(where, sizeof where, "ratio %.2f", r->ratio);
+    else
+        snprintf(where, sizeof where, "held-out %d deg", r->domain);
+    snprintf(label, size, "[%d/%d] %s%s %s seed %ld", ++s->done, s->total, r->method, p, where, r->seed);
+}
+
+static void print_run_result(const run_record *r)
+{
+    fprintf(stderr, "  validation %.2f%%, test %.2f%% (%d training images, step %ld, %.0f s)\n", r->val_acc,
+            r->test_acc, r->train_images, r->best_step, r->seconds);
+}
+
+/* Widens [*low, *high] to contain mean +- std. A NaN std counts as 0. */
+static void include_range(double mean, double std, double *low, double *high)
+{
+    const double spread = isnan(std) ? 0 : std;
+    if (isnan(mean))
+        return;
+    if (mean - spread < *low)
+        *low = mean - spread;
+    if (mean + spread > *high)
+        *high = mean + spread;
+}
+
+/* Returns "s" unless n is 1, for "%d seed%s". */
+static const char *plural(int n)
+{
+    return n == 1 ? "" : "s";
+}
+
+/* Prints "mean (std)" of a cell, or dashes for a missing cell or std. */
+static void print_mean_std(double mean, double std)
+{
+    if (isnan(mean))
+        printf("  %14s", "-");
+    else if (isnan(std))
+        printf("  %6.2f (    -)", mean);
+    else
+        printf("  %6.2f (%5.2f)", mean, std);
+}
+
+/* ---------------------------------------------------------------------------
+   Transfer-learning sweep (tl-sweep)
+
+   A fixed validation set, TL_VALIDATION_FRACTION of every class of the
+   MNIST training split, is removed before any training subset is drawn.
+   The ratios are fractions of the remaining pool, so no training image of
+   any seed or ratio is a validation image. Every run trains for the same
+   number of steps whatever its ratio. The p sweep picks p by mean
+   validation accuracy. Test accuracy is only reported. */
+
+#define TL_VALIDATION_FRACTION 0.1
+#define TL_VALIDATION_SEED 1     /* seed of the validation split, the same for every run */
+#define TL_P_SWEEP_RATIO 0.15
+#define TL_RATIOS 4
+#define TL_P_VALUES 5
+#define TL_METHODS 5             /* the four fine-tuning methods, then scratch */
+#define TL_SCRATCH 4
+
+static const double tl_ratios[TL_RATIOS] = {0.15, 0.30, 0.50, 1.00};
+static const char *const tl_ratio_labels[TL_RATIOS] = {"0.15", "0.30", "0.50", "1.00"};
+static const double tl_p_values[TL_P_VALUES] = {0.1, 0.3, 0.5, 0.7, 0.9};
+static const char *const tl_p_labels[TL_P_VALUES] = {"0.1", "0.3", "0.5", "0.7", "0.9"};
+/* The first four are method_names in method_kind order. */
+static const char *const tl_method_names[TL_METHODS] = {"ft", "stochca", "l2sp", "stochca+l2sp", "scratch"};
+
+/* Splits the MNIST training split into the fixed validation set and the
+   training pool. Returns 0 after printing a message. */
+static int split_validation(const dataset *full, dataset *pool, dataset *val)
+{
+    const size_t size = (size_t)(full->count > 0 ? full->count : 1) * sizeof(int);
+    int *all = identity_indices(full->count), *picked = (int *)malloc(size), *rest = (int *)malloc(size);
+    int picked_count = 0, rest_count = 0, ok;
+
+    memset(pool, 0, sizeof *pool);
+    memset(val, 0, sizeof *val);
+    ok = all && picked && rest &&
+         split_by_class(full, all, full->count, TL_VALIDATION_FRACTION, TL_VALIDATION_SEED, picked, &picked_count,
+                        rest, &rest_count) &&
+         gather_images(full, picked, picked_count, val) && gather_images(full, rest, rest_count, pool);
+    if (!ok) {
+        fprintf(stderr, "train: out of memory for the validation split\n");
+        free_dataset(pool);
+        free_dataset(val);
+    }
+    free(all);
+    free(picked);
+    free(rest);
+    return ok;
+}
+
+/* Loads the data and the checkpoint of tl-sweep, creates the output
+   folder and opens both runs files. Returns 0 after printing a message. */
+static int open_tl_sweep(sweep *s, const options *o)
+{
+    dataset full;
+    int ok;
+
+    memset(s, 0, sizeof *s);
+    s->o = *o;
+    if (!make_folder(o->out_dir) || !load_split(&full, o->data_dir, "mnist", "train", 28))
+        return 0;
+    ok = split_validation(&full, &s->pool, &s->val);
+    free_dataset(&full);
+    if (!ok || !load_split(&s->test, o->data_dir, "mnist", "test", 28) || !load_pretrained(&s->pre, o->checkpoint, 28))
+        return 0;
+    s->runs_file = open_runs_file(o, "tl-runs.tsv", s->runs_path, sizeof s->runs_path, 0);
+    s->p_runs_file = open_runs_file(o, "tl-p-runs.tsv", s->p_runs_path, sizeof s->p_runs_path, 0);
+    if (!s->runs_file || !s->p_runs_file)
+        return 0;
+    fprintf(stderr, "MNIST: %d validation images, a training pool of %d, %d test images\n", s->val.count,
+            s->pool.count, s->test.count);
+    return 1;
+}
+
+/* Trains method `kind` (an index of tl_method_names) on `ratio` of the
+   training pool and measures validation and test accuracy after the last
+   step. */
+static int tl_run(sweep *s, int kind, double p, double ratio, long seed, run_record *r)
+{
+    const int scratch = kind == TL_SCRATCH;
+    options o = s->o;
+    dataset train;
+    stochca_model m;
+    char label[160];
+    double start = now_seconds();
+    int ok = 0;
+
+    o.method = scratch ? METHOD_FT : (method_kind)kind;
+    o.p = p;
+    o.ratio = ratio;
+    o.seed = seed;
+    memset(&m, 0, sizeof m);
+    memset(r, 0, sizeof *r);
+    r->method = tl_method_names[kind];
+    r->p = uses_stochca(o.method) ? p : 0;
+    r->ratio = ratio;
+    r->domain = NO_DOMAIN;
+    r->seed = seed;
+    r->steps = r->best_step = o.steps;
+    if (!make_subset(&s->pool, ratio, (uint64_t)seed, &train)) {
+        fprintf(stderr, "train: out of memory for the training subset\n");
+        return 0;
+    }
+    r->train_images = train.count;
+    run_label(label, sizeof label, s, r);
+    if (init_run_model(&m, &s->pre, scratch, seed) &&
+        train_model(&m, o.method == METHOD_FT ? NULL : &s->pre, &train, &o, label) == TRAIN_DONE) {
+        r->val_acc = test_accuracy(&m, &s->val);
+        r->test_acc = test_accuracy(&m, &s->test);
+        r->seconds = now_seconds() - start;
+        ok = r->val_acc >= 0 && r->test_acc >= 0;
+    }
+    stochca_model_free(&m);
+    free_dataset(&train);
+    if (ok)
+        print_run_result(r);
+    return ok;
+}
+
+/* Runs StochCA at ratio TL_P_SWEEP_RATIO for every p and seed. */
+static int run_p_sweep(sweep *s, run_table *p_runs)
+{
+    long seed;
+    int i;
+    for (i = 0; i < TL_P_VALUES; i++)
+        for (seed = 0; seed < s->o.seeds; seed++) {
+            run_record *r = &p_runs->runs[p_runs->count];
+            if (!tl_run(s, METHOD_STOCHCA, tl_p_values[i], TL_P_SWEEP_RATIO, seed, r))
+                return 0;
+            p_runs->count++;
+            write_run_row(s->p_runs_file, r, 0);
+        }
+    return 1;
+}
+
+/* Returns the p of the p sweep with the best mean validation accuracy, the
+   smallest p among equal ones. Test accuracy plays no part in the choice. */
+static double choose_p(const summary_cell *cells, int count)
+{
+    double best_p = tl_p_values[0], best = -1;
+    int i;
+    for (i = 0; i < count; i++)
+        if (cells[i].val_mean > best) {
+            best = cells[i].val_mean;
+            best_p = cells[i].p;
+        }
+    return best_p;
+}
+
+/* Runs every method and scratch at every ratio and seed, StochCA with p.
+   A StochCA run that the p sweep already made with the same p, ratio and
+   seed is copied instead of trained again, because training is
+   deterministic and would give the same numbers. */
+static int run_tl_grid(sweep *s, double p, const run_table *p_runs, run_table *runs)
+{
+    long seed;
+    int i, kind;
+    for (seed = 0; seed < s->o.seeds; seed++)
+        for (i = 0; i < TL_RATIOS; i++)
+            for (kind = 0; kind < TL_METHODS; kind++) {
+                run_record *r = &runs->runs[runs->count];
+                const run_record *earlier =
+                    kind == METHOD_STOCHCA ? find_run(p_runs, "stochca", p, tl_ratios[i], NO_DOMAIN, seed) : NULL;
+                if (earlier)
+                    *r = *earlier;
+                else if (!tl_run(s, kind, p, tl_ratios[i], seed, r))
+                    return 0;
+                runs->count++;
+                write_run_row(s->runs_file, r, 0);
+            }
+    return 1;
+}
+
+/* Returns p for the StochCA methods and 0 for the others. */
+static double method_p(int kind, double p)
+{
+    return kind == METHOD_STOCHCA || kind == METHOD_STOCHCA_L2SP ? p : 0;
+}
+
+/* Writes tl-accuracy.svg: test accuracy against the training fraction,
+   one line per method, error bars of one sample standard deviation. Each
+   method's points are shifted sideways by a little, so that error bars at
+   the same ratio do not hide each other. */
+static int write_tl_figure(const sweep *s, const summary_cell *cells, int count, double p)
+{
+    const double shift = 0.012;   /* in units of the training fraction */
+    char path[1100], title[160], legend[64];
+    double low = 100, high = 0, y_min, y_max, step, x[TL_RATIOS], mean[TL_RATIOS], std[TL_RATIOS];
+    FILE *f = open_output(s->o.out_dir, "tl-accuracy.svg", path, sizeof path);
+    svg_figure g;
+    int i, kind;
+
+    if (!f)
+        return 0;
+    for (i = 0; i < count; i++)
+        include_range(cells[i].test_mean, cells[i].test_std, &low, &high);
+    accuracy_range(low, high, &y_min, &y_max, &step);
+    snprintf(title, sizeof title, "MNIST test accuracy after %ld steps (mean &#177; sample std, %d seed%s)",
+             s->o.steps, s->o.seeds, plural(s->o.seeds));
+    figure_begin(&g, f, title, 0, 1.05, y_min, y_max);
+    figure_axes(&g, TL_RATIOS, tl_ratios, tl_ratio_labels, step, "fraction of the MNIST training pool",
+                "test accuracy (%)");
+    for (kind = 0; kind < TL_METHODS; kind++) {
+        for (i = 0; i < TL_RATIOS; i++) {
+            const summary_cell *c = find_cell(cells, count, tl_method_names[kind], method_p(kind, p), tl_ratios[i],
+                                              NO_DOMAIN);
+            x[i] = tl_ratios[i] + (kind - (TL_METHODS - 1) / 2.0) * shift;
+            mean[i] = c ? c->test_mean : NAN;
+            std[i] = c ? c->test_std : NAN;
+        }
+        figure_series(&g, series_colors[kind], kind == TL_SCRATCH, TL_RATIOS, x, mean, std);
+        if (method_p(kind, p) > 0)
+            snprintf(legend, sizeof legend, "%s (p = %g)", tl_method_names[kind], p);
+        else
+            snprintf(legend, sizeof legend, "%s", tl_method_names[kind]);
+        figure_legend(&g, series_colors[kind], legend, kind == TL_SCRATCH);
+    }
+    figure_end(&g);
+    return close_output(f, path);
+}
+
+/* Writes tl-p.svg: validation and test accuracy of StochCA against p at
+   ratio TL_P_SWEEP_RATIO, with plain fine-tuning at that ratio as a
+   dashed line and the chosen p as a dotted line. */
+static int write_p_figure(const sweep *s, const summary_cell *p_cells, int p_count, const summary_cell *ft,
+                          double chosen_p)
+{
+    char path[1100], title[160], legend[64];
+    double low = 100, high = 0, y_min, y_max, step;
+    double val[TL_P_VALUES], val_std[TL_P_VALUES], test[TL_P_VALUES], test_std[TL_P_VALUES];
+    FILE *f = open_output(s->o.out_dir, "tl-p.svg", path, sizeof path);
+    svg_figure g;
+    int i;
+
+    if (!f)
+        return 0;
+    for (i = 0; i < TL_P_VALUES; i++) {
+        const summary_cell *c = find_cell(p_cells, p_count, "stochca", tl_p_values[i], TL_P_SWEEP_RATIO, NO_DOMAIN);
+        val[i] = c ? c->val_mean : NAN;
+        val_std[i] = c ? c->val_std : NAN;
+        test[i] = c ? c->test_mean : NAN;
+        test_std[i] = c ? c->test_std : NAN;
+        include_range(val[i], val_std[i], &low, &high);
+        include_range(test[i], test_std[i], &low, &high);
+    }
+    if (ft)
+        include_range(ft->test_mean, 0, &low, &high);
+    accuracy_range(low, high, &y_min, &y_max, &step);
+    snprintf(title, sizeof title, "StochCA on %.0f%% of the MNIST pool against p (mean &#177; sample std, %d seed%s)",
+             100 * TL_P_SWEEP_RATIO, s->o.seeds, plural(s->o.seeds));
+    figure_begin(&g, f, title, 0, 1, y_min, y_max);
+    figure_axes(&g, TL_P_VALUES, tl_p_values, tl_p_labels, step, "cross-attention probability p", "accuracy (%)");
+    figure_series(&g, series_colors[0], 0, TL_P_VALUES, tl_p_values, val, val_std);
+    figure_legend(&g, series_colors[0], "validation", 0);
+    figure_series(&g, series_colors[1], 0, TL_P_VALUES, tl_p_values, test, test_std);
+    figure_legend(&g, series_colors[1], "test", 0);
+    if (ft && !isnan(ft->test_mean)) {
+        figure_reference_line(&g, 0, ft->test_mean, series_colors[4]);
+        figure_legend(&g, series_colors[4], "ft test (p = 0)", 1);
+    }
+    figure_reference_line(&g, 1, chosen_p, "black");
+    snprintf(legend, sizeof legend, "chosen p = %g", chosen_p);
+    figure_legend(&g, "black", legend, 1);
+    figure_end(&g);
+    return close_output(f, path);
+}
+
+static void print_p_table(const sweep *s, const summary_cell *p_cells, int p_count)
+{
+    int i;
+    printf("\np sweep: StochCA on %.0f%% of the MNIST training pool, accuracy in %%, mean (sample std) over %d "
+           "seed%s\n%-6s  %14s  %14s\n", 100 * TL_P_SWEEP_RATIO, s->o.seeds, plural(s->o.seeds), "p", "validation",
+           "test");
+    for (i = 0; i < p_count; i++) {
+        printf("%-6g", p_cells[i].p);
+        print_mean_std(p_cells[i].val_mean, p_cells[i].val_std);
+        print_mean_std(p_cells[i].test_mean, p_cells[i].test_std);
+        printf("\n");
+    }
+}
+
+static void print_tl_table(const sweep *s, const summary_cell *cells, int count, double p)
+{
+    char name[64];
+    int i, kind;
+    printf("\nMNIST test accuracy in %%, mean (sample std) over %d seed%s, %ld steps of batch %d\n%-20s",
+           s->o.seeds, plural(s->o.seeds), s->o.steps, s->o.batch, "method \\ ratio");
+    for (i = 0; i < TL_RATIOS; i++)
+        printf("  %14s", tl_ratio_labels[i]);
+    printf("\n");
+    for (kind = 0; kind < TL_METHODS; kind++) {
+        if (method_p(kind, p) > 0)
+            snprintf(name, sizeof name, "%s p=%g", tl_method_names[kind], p);
+        else
+            snprintf(name, sizeof name, "%s", tl_method_names[kind]);
+        printf("%-20s", name);
+        for (i = 0; i < TL_RATIOS; i++) {
+            const summary_cell *c = find_cell(cells, count, tl_method_names[kind], method_p(kind, p), tl_ratios[i],
+                                              NO_DOMAIN);
+            print_mean_std(c ? c->test_mean : NAN, c ? c->test_std : NAN);
+        }
+        printf("\n");
+    }
+}
+
+/* Writes the chosen p to tl-chosen-p.txt. */
+static int write_chosen_p(const sweep *s, double p)
+{
+    char path[1100];
+    FILE *f = open_output(s->o.out_dir, "tl-chosen-p.txt", path, sizeof path);
+    if (!f)
+        return 0;
+    fprintf(f, "%g\n", p);
+    return close_output(f, path);
+}
+
+/* Writes the summaries and figures of the grid and the p sweep and prints
+   the grid's table. */
+static int write_tl_results(const sweep *s, const run_table *runs, const summary_cell *p_cells, int p_count,
+                            double chosen_p, double p)
+{
+    summary_cell *cells = NULL;
+    const int count = summarize_table(runs, &cells);
+    const summary_cell *ft = count >= 0 ? find_cell(cells, count, "ft", 0, TL_P_SWEEP_RATIO, NO_DOMAIN) : NULL;
+    const int ok = count >= 0 && write_summary(s->o.out_dir, "tl-summary.tsv", cells, count, 0) &&
+                   write_summary(s->o.out_dir, "tl-p-summary.tsv", p_cells, p_count, 0) &&
+                   write_tl_figure(s, cells, count, p) && write_p_figure(s, p_cells, p_count, ft, chosen_p);
+    if (ok) {
+        print_tl_table(s, cells, count, p);
+        printf("\nwrote tl-runs.tsv, tl-summary.tsv, tl-p-runs.tsv, tl-p-summary.tsv, tl-chosen-p.txt, "
+               "tl-accuracy.svg and tl-p.svg to %s\n", s->o.out_dir);
+    }
+    free(cells);
+    return ok;
+}
+
+/* Returns 1 if p is one of the p values of the p sweep. */
+static int in_p_sweep(double p)
+{
+    int i;
+    for (i = 0; i < TL_P_VALUES; i++)
+        if (tl_p_values[i] == p)
+            return 1;
+    return 0;
+}
+
+/* The transfer-learning sweep: the p sweep, the choice of p, then every
+   method and scratch at every ratio. */
+static int cmd_tl_sweep(const options *o)
+{
+    const int seeds = o->seeds, reused = !o->p_given || in_p_sweep(o->p) ? seeds : 0;
+    sweep s;
+    run_table runs, p_runs;
+    summary_cell *p_cells = NULL;
+    double chosen_p = 0, p = 0;
+    int p_count = -1, ok;
+
+    memset(&runs, 0, sizeof runs);
+    memset(&p_runs, 0, sizeof p_runs);
+    ok = open_tl_sweep(&s, o) && init_table(&p_runs, TL_P_VALUES * seeds) &&
+         init_table(&runs, TL_METHODS * TL_RATIOS * seeds);
+    s.total = TL_P_VALUES * seeds + TL_METHODS * TL_RATIOS * seeds - reused;
+    ok = ok && run_p_sweep(&s, &p_runs);
+    if (ok) {
+        p_count = summarize_table(&p_runs, &p_cells);
+        ok = p_count > 0;
+    }
+    if (ok) {
+        chosen_p = choose_p(p_cells, p_count);
+        p = o->p_given ? o->p : chosen_p;
+        print_p_table(&s, p_cells, p_count);
+        printf("chosen p = %g (best mean validation accuracy at ratio %.2f); the grid uses p = %g%s\n", chosen_p,
+               TL_P_SWEEP_RATIO, p, o->p_given ? " from --p" : "");
+        fflush(stdout);
+        ok = write_chosen_p(&s, chosen_p) && run_tl_grid(&s, p, &p_runs, &runs) &&
+             write_tl_results(&s, &runs, p_cells, p_count, chosen_p, p);
+    }
+    free(p_cells);
+    free_table(&runs);
+    free_table(&p_runs);
+    return close_sweep(&s) && ok;
+}
+
 #ifndef STOCHCA_TRAIN_NO_MAIN
 int main(int argc, char **argv)
 {
     const char *command = argc > 1 ? argv[1] : "";
-    int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench"), ok;
+    const int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench");
+    const int tl_sweep = !strcmp(command, "tl-sweep");
     options o = default_options(pretraining || benchmark);
+    int ok;
 
     if (!strcmp(command, "--help") || !strcmp(command, "-h")) {
         print_usage(stdout);
@@ -1201,15 +2190,19 @@ int main(int argc, char **argv)
         o.config.patch_size = 4;
         o.p = 0.5;
     }
-    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune")) {
+    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune") && !tl_sweep) {
         fprintf(stderr, "train: unknown command '%s'\n\n", command);
         print_usage(stderr);
         return 2;
     }
-    if (!parse_options(&o, argc > 1 ? argc - 2 : 0, argv + 2))
+    if (tl_sweep)
+        o.steps = SWEEP_DEFAULT_STEPS;
+    if (!parse_options(&o, command, argc > 1 ? argc - 2 : 0, argv + 2))
         return 2;
     set_threads(&o);
-    if (pretraining)
+    if (tl_sweep)
+        ok = cmd_tl_sweep(&o);
+    else if (pretraining)
         ok = cmd_pretrain(&o);
     else if (benchmark)
         ok = cmd_bench(&o);
