@@ -973,9 +973,194 @@ static void test_idx(void)
 }
 
 /* ---------------------------------------------------------------------------
-   Sweeps: splits, summaries and the choice of p */
+   Sweeps: rotation, Rotated MNIST, splits, summaries and the choice of p */
 
 #define SIDE 28
+
+static int count_nonzero(const unsigned char *image, int n)
+{
+    int i, count = 0;
+    for (i = 0; i < n; i++)
+        count += image[i] != 0;
+    return count;
+}
+
+/* Total intensity and intensity-weighted center (row, col) of an image. */
+static double image_mass(const unsigned char *image, double *row, double *col)
+{
+    double mass = 0, r = 0, c = 0;
+    int i, j;
+    for (i = 0; i < SIDE; i++)
+        for (j = 0; j < SIDE; j++) {
+            mass += image[i * SIDE + j];
+            r += i * (double)image[i * SIDE + j];
+            c += j * (double)image[i * SIDE + j];
+        }
+    *row = r / mass;
+    *col = c / mass;
+    return mass;
+}
+
+/* A Gaussian blob of peak 250 and standard deviation 2.5 pixels. */
+static void draw_blob(unsigned char *image, double row, double col)
+{
+    int i, j;
+    for (i = 0; i < SIDE; i++)
+        for (j = 0; j < SIDE; j++) {
+            const double d2 = (i - row) * (i - row) + (j - col) * (j - col);
+            image[i * SIDE + j] = (unsigned char)floor(250 * exp(-d2 / (2 * 2.5 * 2.5)) + 0.5);
+        }
+}
+
+static void test_rotation(stochca_rng *rng)
+{
+    unsigned char in[SIDE * SIDE], out[SIDE * SIDE];
+    double mass_in, mass_out, row_in, col_in, row_out, col_out;
+    char detail[200];
+    int i;
+
+    for (i = 0; i < SIDE * SIDE; i++)
+        in[i] = (unsigned char)(stochca_rng_next(rng) & 255);
+    rotate_image(out, in, SIDE, 0);
+    check_true("rotation by 0 degrees is identity", memcmp(in, out, sizeof in) == 0,
+               "random 28x28 image unchanged byte for byte");
+
+    /* Counterclockwise by 90 degrees about (13.5, 13.5): (row, col) goes to (27 - col, row). */
+    memset(in, 0, sizeof in);
+    in[5 * SIDE + 20] = 200;
+    rotate_image(out, in, SIDE, 90);
+    snprintf(detail, sizeof detail, "pixel (5, 20) = 200 moved to (7, 5): %d there, %d nonzero pixels",
+             out[7 * SIDE + 5], count_nonzero(out, SIDE * SIDE));
+    check_true("rotation by 90 degrees moves pixel", out[7 * SIDE + 5] == 200, detail);
+    check_true("rotation by 90 degrees moves nothing else", count_nonzero(out, SIDE * SIDE) == 1, detail);
+
+    draw_blob(in, 13.5, 13.5);
+    rotate_image(out, in, SIDE, 45);
+    mass_in = image_mass(in, &row_in, &col_in);
+    mass_out = image_mass(out, &row_out, &col_out);
+    snprintf(detail, sizeof detail, "mass %.0f -> %.0f, center (%.2f, %.2f) -> (%.2f, %.2f)", mass_in, mass_out,
+             row_in, col_in, row_out, col_out);
+    check_true("rotation by 45 degrees keeps blob mass", fabs(mass_out / mass_in - 1) < 0.01, detail);
+    check_true("rotation by 45 degrees keeps center", fabs(row_out - 13.5) < 0.05 && fabs(col_out - 13.5) < 0.05,
+               detail);
+
+    /* A blob 6.5 pixels right of the center ends up at 45 degrees, up and right. */
+    draw_blob(in, 13.5, 20);
+    rotate_image(out, in, SIDE, 45);
+    image_mass(out, &row_out, &col_out);
+    snprintf(detail, sizeof detail, "center (13.50, 20.00) -> (%.2f, %.2f), expected (%.2f, %.2f)", row_out,
+             col_out, 13.5 - 6.5 * sqrt(0.5), 13.5 + 6.5 * sqrt(0.5));
+    check_true("rotation by 45 degrees is counterclockwise",
+               fabs(row_out - (13.5 - 6.5 * sqrt(0.5))) < 0.2 && fabs(col_out - (13.5 + 6.5 * sqrt(0.5))) < 0.2,
+               detail);
+}
+
+static void test_rotated_mnist(void)
+{
+    dataset train, test;
+    rotated_mnist r;
+    int *seen, sizes[DOMAIN_COUNT] = {0}, j, repeats = 0, wrong_domain = 0, wrong_label = 0, wrong_pixels = 0;
+    unsigned char expected[SIDE * SIDE];
+    char detail[300];
+
+    if (!load_split(&train, "data", "mnist", "train", SIDE) || !load_split(&test, "data", "mnist", "test", SIDE) ||
+        !build_rotated_mnist(&train, &test, &r)) {
+        check_true("Rotated MNIST builds", 0, "see the message above");
+        return;
+    }
+    seen = (int *)calloc((size_t)r.images.count, sizeof(int));
+    for (j = 0; j < r.images.count; j++) {
+        const int k = r.source[j];
+        const dataset *from = k < train.count ? &train : &test;
+        const int index = k < train.count ? k : k - train.count;
+        repeats += seen[k]++ > 0;
+        sizes[r.domain[j]]++;
+        wrong_domain += r.domain[j] != j % DOMAIN_COUNT;
+        wrong_label += r.images.labels[j] != from->labels[index];
+        rotate_image(expected, from->pixels + (size_t)index * SIDE * SIDE, SIDE, domain_angles[r.domain[j]]);
+        wrong_pixels += memcmp(expected, r.images.pixels + (size_t)j * SIDE * SIDE, sizeof expected) != 0;
+    }
+    snprintf(detail, sizeof detail, "%d images, %d sources repeated; shares %d %d %d %d %d %d", r.images.count,
+             repeats, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]);
+    check_true("Rotated MNIST uses every digit once", r.images.count == 10000 && repeats == 0, detail);
+    for (j = 0; j < DOMAIN_COUNT; j++)
+        wrong_domain += sizes[j] != (j < 4 ? 1667 : 1666);
+    check_true("Rotated MNIST share sizes", wrong_domain == 0, detail);
+    snprintf(detail, sizeof detail, "%d wrong labels, %d images differ from their rotated source", wrong_label,
+             wrong_pixels);
+    check_true("Rotated MNIST images match sources", wrong_label == 0 && wrong_pixels == 0, detail);
+
+    free(seen);
+    free_rotated_mnist(&r);
+    free_dataset(&train);
+    free_dataset(&test);
+}
+
+/* Checks one leave-one-domain-out split: every image in exactly one list,
+   the test list is the held-out domain, and val has about 20% of each
+   other domain. Returns a description of the first problem, or NULL. */
+static const char *check_domain_split(const rotated_mnist *r, int test_domain, long seed)
+{
+    const int n = r->images.count;
+    int *train = (int *)malloc((size_t)n * sizeof(int)), *val = (int *)malloc((size_t)n * sizeof(int));
+    int *test = (int *)malloc((size_t)n * sizeof(int)), *where = (int *)calloc((size_t)n, sizeof(int));
+    int val_per_domain[DOMAIN_COUNT] = {0}, size_per_domain[DOMAIN_COUNT] = {0};
+    int train_count, val_count, test_count, i;
+    const char *problem = NULL;
+
+    if (!split_domains(r, test_domain, seed, train, &train_count, val, &val_count, test, &test_count))
+        problem = "split_domains failed";
+    for (i = 0; !problem && i < train_count; i++)
+        where[train[i]] += 1;
+    for (i = 0; !problem && i < val_count; i++) {
+        where[val[i]] += 2;
+        val_per_domain[r->domain[val[i]]]++;
+    }
+    for (i = 0; !problem && i < test_count; i++) {
+        where[test[i]] += 4;
+        if (r->domain[test[i]] != test_domain)
+            problem = "a test image is not from the held-out domain";
+    }
+    for (i = 0; !problem && i < n; i++) {
+        size_per_domain[r->domain[i]]++;
+        if (where[i] != 1 && where[i] != 2 && where[i] != 4)
+            problem = "an image is in no list or in two lists";
+        else if ((where[i] == 4) != (r->domain[i] == test_domain))
+            problem = "a held-out image is trained or validated on";
+    }
+    for (i = 0; !problem && i < DOMAIN_COUNT; i++)
+        if (i != test_domain && fabs(val_per_domain[i] - 0.2 * size_per_domain[i]) > DATA_CLASSES)
+            problem = "a training domain does not hold out 20% for validation";
+    free(train);
+    free(val);
+    free(test);
+    free(where);
+    return problem;
+}
+
+static void test_domain_splits(void)
+{
+    dataset train, test;
+    rotated_mnist r;
+    const char *problem = NULL;
+    char detail[200] = "6 held-out domains x seeds 0, 1: train, val and test partition all 10,000 images";
+    int domain;
+    long seed;
+
+    if (!load_split(&train, "data", "mnist", "train", SIDE) || !load_split(&test, "data", "mnist", "test", SIDE) ||
+        !build_rotated_mnist(&train, &test, &r)) {
+        check_true("domain split builds", 0, "see the message above");
+        return;
+    }
+    for (domain = 0; domain < DOMAIN_COUNT && !problem; domain++)
+        for (seed = 0; seed < 2 && !problem; seed++)
+            if ((problem = check_domain_split(&r, domain, seed)) != NULL)
+                snprintf(detail, sizeof detail, "held-out domain %d, seed %ld: %s", domain, seed, problem);
+    check_true("domain split disjoint and complete", problem == NULL, detail);
+    free_rotated_mnist(&r);
+    free_dataset(&train);
+    free_dataset(&test);
+}
 
 /* A data set whose image i stores i in its first two pixels, so splits can
    be checked by index; classes of unequal size. */
@@ -1253,16 +1438,22 @@ static void test_driver_sweep_flags(void)
 {
     check_command("tl-sweep rejects --method", "./train tl-sweep --method ft", 2,
                   "train: invalid flag '--method' for tl-sweep, expected one of: --seeds");
+    check_command("tl-sweep rejects --eval-every", "./train tl-sweep --eval-every 10", 2,
+                  "train: invalid flag '--eval-every' for tl-sweep");
+    check_command("dg-sweep rejects --ratio", "./train dg-sweep --ratio 0.5", 2,
+                  "train: invalid flag '--ratio' for dg-sweep");
     check_command("finetune rejects --seeds", "./train finetune --seeds 2", 2,
-                  "train: --seeds is a flag of tl-sweep only");
+                  "train: --seeds is a flag of tl-sweep and dg-sweep only");
     check_command("flag seeds 0 rejected", "./train tl-sweep --seeds 0", 2,
                   "train: invalid value '0' for --seeds, expected an integer from 1 to 1000");
+    check_command("flag eval-every 0 rejected", "./train dg-sweep --eval-every 0", 2,
+                  "train: invalid value '0' for --eval-every, expected an integer from 1 to 100000000");
     check_command("out-dir that is a file rejected", "./train tl-sweep --out-dir README.md", 1,
                   "train: --out-dir 'README.md' exists but is not a folder");
     check_command("tl-sweep missing data rejected", "./train tl-sweep --data no/such/dir --out-dir test_sweep.tmp.d", 1,
                   "train: cannot open 'no/such/dir/mnist-train-images.idx'");
-    check_command("tl-sweep missing checkpoint rejected",
-                  "./train tl-sweep --checkpoint no/such.bin --out-dir test_sweep.tmp.d", 1,
+    check_command("dg-sweep missing checkpoint rejected",
+                  "./train dg-sweep --checkpoint no/such.bin --out-dir test_sweep.tmp.d", 1,
                   "train: cannot open checkpoint 'no/such.bin'; check the path");
     remove("test_sweep.tmp.d");
 }
@@ -1600,6 +1791,9 @@ int main(void)
     test_torchvision_reference();
     test_kv_cache(&rng);
     test_skipped_kv(&rng);
+    test_rotation(&rng);
+    test_rotated_mnist();
+    test_domain_splits();
     test_validation_split();
     test_summaries();
     test_choose_p();

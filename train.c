@@ -319,6 +319,150 @@ static void fill_batch(const dataset *d, const int *order, int B, stochca_real *
 }
 
 /* ---------------------------------------------------------------------------
+   Rotated MNIST, after RotatedMNIST in DomainBed's domainbed/datasets.py:
+   all digits of the train and test files, shuffled once, dealt into six
+   interleaved shares (image j of the shuffled list goes to share j mod 6),
+   share i rotated by domain_angles[i] degrees. Two differences: there are
+   10,000 digits here instead of 70,000, and the rotation samples
+   bilinearly where that file uses PIL's bicubic resampling. */
+
+#define DOMAIN_COUNT 6
+#define ROTATED_MNIST_SEED 0         /* seed of the one shuffle of all digits */
+#define DG_VALIDATION_FRACTION 0.2   /* share of each training domain held out for validation */
+
+static const int domain_angles[DOMAIN_COUNT] = {0, 15, 30, 45, 60, 75};
+
+/* Returns pixel (row, col) of a side x side image, or 0 outside the image. */
+static double pixel_or_zero(const unsigned char *image, int side, int row, int col)
+{
+    if (row < 0 || row >= side || col < 0 || col >= side)
+        return 0;
+    return image[(size_t)row * side + col];
+}
+
+/* Samples a side x side image at the real position (row, col) by bilinear
+   interpolation of its four neighboring pixels, which read 0 outside it. */
+static double sample_bilinear(const unsigned char *image, int side, double row, double col)
+{
+    const int r0 = (int)floor(row), c0 = (int)floor(col);
+    const double fr = row - r0, fc = col - c0;
+    return (1 - fr) * (1 - fc) * pixel_or_zero(image, side, r0, c0) +
+           (1 - fr) * fc * pixel_or_zero(image, side, r0, c0 + 1) +
+           fr * (1 - fc) * pixel_or_zero(image, side, r0 + 1, c0) +
+           fr * fc * pixel_or_zero(image, side, r0 + 1, c0 + 1);
+}
+
+/* Rotates a side x side image counterclockwise (as displayed, row 0 at the
+   top) by `degrees` about its center ((side - 1) / 2, (side - 1) / 2).
+   Each output pixel samples the input bilinearly at the position that the
+   rotation moves onto it, and rounds to the nearest byte. */
+static void rotate_image(unsigned char *out, const unsigned char *in, int side, double degrees)
+{
+    const double radians = degrees * (acos(-1.0) / 180.0);
+    const double cosine = cos(radians), sine = sin(radians), center = (side - 1) / 2.0;
+    int row, col;
+
+    for (row = 0; row < side; row++)
+        for (col = 0; col < side; col++) {
+            /* x points right and y up from the center. Rotating (x, y) by
+               -degrees gives the input position that lands here. */
+            const double x = col - center, y = center - row;
+            const double source_x = cosine * x + sine * y, source_y = -sine * x + cosine * y;
+            const double value = sample_bilinear(in, side, center - source_y, center + source_x);
+            out[(size_t)row * side + col] = (unsigned char)(value >= 255 ? 255 : floor(value + 0.5));
+        }
+}
+
+/* All MNIST digits as six rotated domains. */
+typedef struct {
+    dataset images;  /* (count) every digit once, in shuffled order, rotated by its domain's angle */
+    int *source;     /* (count) index of each image in the train digits followed by the test digits */
+    int *domain;     /* (count) domain of each image, 0 to DOMAIN_COUNT - 1 */
+} rotated_mnist;
+
+static void free_rotated_mnist(rotated_mnist *r)
+{
+    free_dataset(&r->images);
+    free(r->source);
+    free(r->domain);
+    r->source = r->domain = NULL;
+}
+
+/* Builds Rotated MNIST from the MNIST train and test files (same image
+   size). Returns 0 after printing a message on allocation failure. */
+static int build_rotated_mnist(const dataset *train, const dataset *test, rotated_mnist *r)
+{
+    const int count = train->count + test->count, side = train->rows;
+    const size_t image = (size_t)side * side;
+    stochca_rng rng;
+    int j;
+
+    memset(r, 0, sizeof *r);
+    r->source = identity_indices(count);
+    r->domain = (int *)malloc((size_t)count * sizeof(int));
+    r->images.pixels = (unsigned char *)malloc((size_t)count * image);
+    r->images.labels = (unsigned char *)malloc((size_t)count);
+    if (!r->source || !r->domain || !r->images.pixels || !r->images.labels) {
+        fprintf(stderr, "train: out of memory for Rotated MNIST (%d images)\n", count);
+        free_rotated_mnist(r);
+        return 0;
+    }
+    r->images.count = count;
+    r->images.rows = r->images.cols = side;
+
+    stochca_rng_seed(&rng, ROTATED_MNIST_SEED);
+    shuffle_indices(r->source, count, &rng);
+    for (j = 0; j < count; j++) {
+        const int k = r->source[j];
+        const dataset *from = k < train->count ? train : test;
+        const int index = k < train->count ? k : k - train->count;
+        r->domain[j] = j % DOMAIN_COUNT;
+        rotate_image(r->images.pixels + (size_t)j * image, from->pixels + (size_t)index * image, side,
+                     domain_angles[r->domain[j]]);
+        r->images.labels[j] = from->labels[index];
+    }
+    return 1;
+}
+
+/* Splits Rotated MNIST for one leave-one-domain-out run, as image indices.
+   test gets every image of test_domain. From every other domain e, a
+   stratified DG_VALIDATION_FRACTION goes to val and the rest to train,
+   chosen by a shuffle seeded with (seed, e), so each seed holds out its
+   own validation images. Each list needs room for r->images.count indices.
+   Returns 0 on allocation failure. */
+static int split_domains(const rotated_mnist *r, int test_domain, long seed, int *train, int *train_count,
+                         int *val, int *val_count, int *test, int *test_count)
+{
+    int *members = (int *)malloc((size_t)r->images.count * sizeof(int));
+    int e, j;
+
+    if (!members)
+        return 0;
+    *train_count = *val_count = *test_count = 0;
+    for (e = 0; e < DOMAIN_COUNT; e++) {
+        int n = 0, picked = 0, rest = 0;
+        const uint64_t split_seed = (uint64_t)seed * DOMAIN_COUNT + (uint64_t)e;
+        for (j = 0; j < r->images.count; j++)
+            if (r->domain[j] == e)
+                members[n++] = j;
+        if (e == test_domain) {
+            memcpy(test, members, (size_t)n * sizeof(int));
+            *test_count = n;
+            continue;
+        }
+        if (!split_by_class(&r->images, members, n, DG_VALIDATION_FRACTION, split_seed, val + *val_count, &picked,
+                            train + *train_count, &rest)) {
+            free(members);
+            return 0;
+        }
+        *val_count += picked;
+        *train_count += rest;
+    }
+    free(members);
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------
    Command-line options */
 
 typedef enum { METHOD_FT, METHOD_STOCHCA, METHOD_L2SP, METHOD_STOCHCA_L2SP } method_kind;
@@ -350,6 +494,7 @@ typedef struct {
     int p_given;            /* --p was on the command line */
     int seeds;              /* sweeps: seeds 0 to seeds - 1 of every cell */
     const char *out_dir;    /* sweeps: folder of the TSV and SVG files */
+    long eval_every;        /* dg-sweep: validation every eval_every steps */
 } options;
 
 static options default_options(int pretraining)
@@ -384,6 +529,7 @@ static options default_options(int pretraining)
     o.out = pretraining ? "pretrained.bin" : NULL;
     o.seeds = 3;
     o.out_dir = "out";
+    o.eval_every = 50;
     return o;
 }
 
@@ -402,6 +548,8 @@ static void print_usage(FILE *f)
         "       ./train tl-sweep [flags]   transfer learning on MNIST: ft, stochca, l2sp,\n"
         "                                  stochca+l2sp and scratch at ratios 0.15, 0.30, 0.50\n"
         "                                  and 1, and StochCA with p 0.1 to 0.9 at ratio 0.15\n"
+        "       ./train dg-sweep [flags]   domain generalization on Rotated MNIST: ft and\n"
+        "                                  stochca, each rotation left out in turn\n"
         "       ./train --help\n"
         "\n"
         "fine-tuning flags:\n"
@@ -431,15 +579,18 @@ static void print_usage(FILE *f)
         "  --stop-after N   stop after step N as if interrupted (to test --resume)\n"
         "  --kv-cache-mb N  memory budget in MiB for caching the pretrained keys and values\n"
         "                   of every training image; 0 recomputes them every step (default 1024)\n"
-        "tl-sweep flags (tl-sweep also takes --steps, --batch, --lr, --wd, --warmup,\n"
+        "sweep flags (tl-sweep and dg-sweep also take --steps, --batch, --lr, --wd, --warmup,\n"
         "--l2sp-alpha, --head-lr-scale, --checkpoint, --data, --threads and --kv-cache-mb):\n"
         "  --seeds N        run seeds 0 to N-1 of every setting (default 3)\n"
         "  --steps N        optimizer steps of every run, whatever its ratio (default 400)\n"
         "  --out-dir DIR    folder for the TSV and SVG files, created if missing (default out)\n"
-        "  --p P            p of the StochCA runs (default: the p of the p sweep with the\n"
-        "                   best mean validation accuracy)\n"
+        "  --p P            p of the StochCA runs; tl-sweep defaults to the p of the p sweep\n"
+        "                   with the best mean validation accuracy, dg-sweep to 0.1\n"
+        "  --eval-every K   dg-sweep: validation accuracy every K steps; the run reports the\n"
+        "                   test accuracy at the best one (default 50)\n"
         "tl-sweep validates on a fixed 10%% of every class of the MNIST training split and\n"
-        "draws its training subsets from the other 90%%.\n");
+        "draws its training subsets from the other 90%%. dg-sweep holds out 20%% of every\n"
+        "training domain for validation and tests on the whole held-out domain.\n");
 }
 
 static int parse_double(const char *flag, const char *text, double low, double high, int low_open, double *out)
@@ -528,6 +679,7 @@ static int parse_flag(options *o, const char *flag, const char *value)
     if (!strcmp(flag, "--kv-cache-mb")) return parse_long(flag, value, 0, 1048576L, &o->kv_cache_mb);
     if (!strcmp(flag, "--seeds")) return parse_int(flag, value, 1, 1000, &o->seeds);
     if (!strcmp(flag, "--out-dir")) { o->out_dir = value; return 1; }
+    if (!strcmp(flag, "--eval-every")) return parse_long(flag, value, 1, 100000000L, &o->eval_every);
     fprintf(stderr, "train: unknown flag '%s'\n\n", flag);
     print_usage(stderr);
     return 0;
@@ -535,10 +687,13 @@ static int parse_flag(options *o, const char *flag, const char *value)
 
 /* Flags that only the sweeps read, and the flags that each sweep accepts.
    A sweep sets the method, p, ratio and seed of every run itself. */
-static const char *const sweep_only_flags[] = {"--seeds", "--out-dir", NULL};
+static const char *const sweep_only_flags[] = {"--seeds", "--out-dir", "--eval-every", NULL};
 static const char *const tl_sweep_flags[] = {"--seeds", "--steps", "--out-dir", "--p", "--batch", "--lr", "--wd",
                                              "--warmup", "--l2sp-alpha", "--head-lr-scale", "--checkpoint",
                                              "--data", "--threads", "--kv-cache-mb", NULL};
+static const char *const dg_sweep_flags[] = {"--seeds", "--steps", "--out-dir", "--p", "--eval-every", "--batch",
+                                             "--lr", "--wd", "--warmup", "--l2sp-alpha", "--head-lr-scale",
+                                             "--checkpoint", "--data", "--threads", "--kv-cache-mb", NULL};
 
 static int is_listed(const char *const *list, const char *flag)
 {
@@ -551,7 +706,8 @@ static int is_listed(const char *const *list, const char *flag)
 /* Returns 0 after printing a message if `command` does not take `flag`. */
 static int check_flag(const char *command, const char *flag)
 {
-    const char *const *accepted = !strcmp(command, "tl-sweep") ? tl_sweep_flags : NULL;
+    const char *const *accepted = !strcmp(command, "tl-sweep") ? tl_sweep_flags
+                                : !strcmp(command, "dg-sweep") ? dg_sweep_flags : NULL;
     if (accepted && !is_listed(accepted, flag)) {
         fprintf(stderr, "train: invalid flag '%s' for %s, expected one of:", flag, command);
         for (; *accepted; accepted++)
@@ -560,7 +716,7 @@ static int check_flag(const char *command, const char *flag)
         return 0;
     }
     if (!accepted && is_listed(sweep_only_flags, flag)) {
-        fprintf(stderr, "train: %s is a flag of tl-sweep only\n", flag);
+        fprintf(stderr, "train: %s is a flag of tl-sweep and dg-sweep only\n", flag);
         return 0;
     }
     return 1;
@@ -638,6 +794,63 @@ static double evaluate(stochca_model *m, const dataset *d, batch_buffers *buf)
             correct += argmax(m->acts.logits + (size_t)b * m->config.classes, m->config.classes) == buf->labels[b];
     }
     return 100.0 * correct / d->count;
+}
+
+/* Training-domain validation, the model selection of DomainBed: the model
+   is evaluated on a validation set every `every` steps and after the last
+   step, and the parameters with the best validation accuracy are kept
+   (the earliest of equal ones). */
+typedef struct {
+    const dataset *val;
+    long every;
+    batch_buffers buf;           /* val->count indices, batches of up to `batch` images */
+    int batch;
+    stochca_real *best_params;   /* (Q) parameters after best_step */
+    size_t num_params;
+    double best_accuracy;        /* validation accuracy in percent, -1 before the first evaluation */
+    long best_step;
+} validation_tracker;
+
+static void free_tracker(validation_tracker *t)
+{
+    free_buffers(&t->buf);
+    free(t->best_params);
+    memset(t, 0, sizeof *t);
+}
+
+/* Prepares a tracker for a model of num_params parameters trained with
+   batches of up to `batch` images. Returns 0 after printing a message. */
+static int init_tracker(validation_tracker *t, const dataset *val, long every, int batch, size_t num_params)
+{
+    memset(t, 0, sizeof *t);
+    t->val = val;
+    t->every = every;
+    t->batch = batch;
+    t->num_params = num_params;
+    t->best_accuracy = -1;
+    t->best_params = (stochca_real *)malloc(num_params * sizeof(stochca_real));
+    if (!t->best_params) {
+        fprintf(stderr, "train: out of memory for a copy of %zu parameters\n", num_params);
+        return 0;
+    }
+    if (!alloc_buffers(&t->buf, val->count, batch, val->rows)) {
+        free_tracker(t);
+        return 0;
+    }
+    return 1;
+}
+
+/* Evaluates m on the validation set after `step` steps and keeps its
+   parameters if they beat every earlier evaluation. m's batch capacity
+   must not exceed the tracker's batch. */
+static void track_validation(validation_tracker *t, stochca_model *m, long step)
+{
+    const double accuracy = evaluate(m, t->val, &t->buf);
+    if (accuracy > t->best_accuracy) {
+        t->best_accuracy = accuracy;
+        t->best_step = step;
+        memcpy(t->best_params, m->param_memory, t->num_params * sizeof(stochca_real));
+    }
 }
 
 static void print_progress(const char *label, long step, long total, double loss, double accuracy,
@@ -755,10 +968,12 @@ static int resume_state(stochca_model *m, stochca_rng *rng, const char *path)
 enum { TRAIN_FAILED = 0, TRAIN_DONE = 1, TRAIN_STOPPED = 2 };
 
 /* Trains m on d with the settings in o. pretrained is needed for StochCA and
-   L2-SP and may be NULL otherwise. Returns TRAIN_DONE, TRAIN_STOPPED
-   (--stop-after) or TRAIN_FAILED after printing a message. */
+   L2-SP and may be NULL otherwise. tracker, when not NULL, evaluates the
+   model on its validation set every tracker->every steps and after the
+   last step. Returns TRAIN_DONE, TRAIN_STOPPED (--stop-after) or
+   TRAIN_FAILED after printing a message. */
 static int train_model(stochca_model *m, stochca_model *pretrained, const dataset *d, const options *o,
-                       const char *label)
+                       const char *label, validation_tracker *tracker)
 {
     const int B = o->batch < d->count ? o->batch : d->count;
     const long steps_per_epoch = d->count / B;
@@ -823,6 +1038,8 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
             window_loss = 0;
             window_steps = window_images = window_correct = 0;
         }
+        if (tracker && ((step + 1) % tracker->every == 0 || step + 1 == total))
+            track_validation(tracker, m, step + 1);
 
         if (o->save_every > 0 && ((step + 1) % o->save_every == 0 || step + 1 == total) &&
             !save_state(m, &rng, o->out)) {
@@ -916,7 +1133,7 @@ static int cmd_pretrain(const options *o)
         stochca_rng_seed(&rng, (uint64_t)o->seed);
         stochca_model_init_random(&m, &rng);
         fprintf(stderr, "pretraining on %d Fashion-MNIST images, %zu parameters\n", train.count, m.num_params);
-        ok = train_model(&m, NULL, &train, o, "pretrain");
+        ok = train_model(&m, NULL, &train, o, "pretrain", NULL);
         if (ok == TRAIN_DONE && (accuracy = test_accuracy(&m, &test)) >= 0) {
             printf("Fashion-MNIST test accuracy: %.2f%% (%d images, %.0f s)\n", accuracy, test.count,
                    now_seconds() - start);
@@ -989,7 +1206,7 @@ static int run_finetune(const options *o, run_result *result)
     }
     fprintf(stderr, "fine-tuning with %s on %d MNIST images (ratio %g, seed %ld)\n", name, train.count, o->ratio,
             o->seed);
-    status = train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name);
+    status = train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name, NULL);
     if (status != TRAIN_DONE)
         goto done;
     result->accuracy = test_accuracy(&target, &test);
@@ -1651,6 +1868,19 @@ static void figure_series(const svg_figure *g, const char *color, int dashed, in
         }
 }
 
+/* Draws a bar from the bottom of the plot area to mean, centered on x,
+   with an error bar. */
+static void figure_bar(const svg_figure *g, double x, double bar_width, double mean, double std, const char *color)
+{
+    const double left = figure_x(g, x - bar_width / 2), right = figure_x(g, x + bar_width / 2);
+    const double top = figure_y(g, mean), bottom = figure_y(g, g->y_min);
+    if (isnan(mean))
+        return;
+    fprintf(g->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\" fill-opacity=\"0.8\"/>\n",
+            left, top, right - left, bottom - top, color);
+    figure_error_bar(g, x, mean, std, "black");
+}
+
 /* Draws a horizontal or vertical reference line across the plot area. */
 static void figure_reference_line(const svg_figure *g, int vertical, double at, const char *color)
 {
@@ -1684,6 +1914,7 @@ typedef struct {
     options o;                 /* the flags, with method, p, ratio and seed set per run */
     stochca_model pre;         /* the pretrained checkpoint, frozen */
     dataset pool, val, test;   /* tl-sweep: training pool, validation set, MNIST test split */
+    rotated_mnist rotated;     /* dg-sweep: all digits as six rotated domains */
     FILE *runs_file, *p_runs_file;
     char runs_path[1100], p_runs_path[1100];
     int done, total;           /* runs started and planned, for progress labels */
@@ -1702,6 +1933,7 @@ static int close_sweep(sweep *s)
     free_dataset(&s->pool);
     free_dataset(&s->val);
     free_dataset(&s->test);
+    free_rotated_mnist(&s->rotated);
     memset(s, 0, sizeof *s);
     return ok;
 }
@@ -1895,7 +2127,7 @@ static int tl_run(sweep *s, int kind, double p, double ratio, long seed, run_rec
     r->train_images = train.count;
     run_label(label, sizeof label, s, r);
     if (init_run_model(&m, &s->pre, scratch, seed) &&
-        train_model(&m, o.method == METHOD_FT ? NULL : &s->pre, &train, &o, label) == TRAIN_DONE) {
+        train_model(&m, o.method == METHOD_FT ? NULL : &s->pre, &train, &o, label, NULL) == TRAIN_DONE) {
         r->val_acc = test_accuracy(&m, &s->val);
         r->test_acc = test_accuracy(&m, &s->test);
         r->seconds = now_seconds() - start;
@@ -2094,7 +2326,7 @@ static void print_tl_table(const sweep *s, const summary_cell *cells, int count,
     }
 }
 
-/* Writes the chosen p to tl-chosen-p.txt. */
+/* Writes the chosen p to tl-chosen-p.txt, for dg-sweep --p. */
 static int write_chosen_p(const sweep *s, double p)
 {
     char path[1100];
@@ -2172,12 +2404,273 @@ static int cmd_tl_sweep(const options *o)
     return close_sweep(&s) && ok;
 }
 
+/* ---------------------------------------------------------------------------
+   Domain-generalization sweep (dg-sweep) on Rotated MNIST
+
+   Leave one domain out: train on five rotated domains, test on the sixth.
+   Model selection is DomainBed's training-domain validation: a stratified
+   DG_VALIDATION_FRACTION of every training domain is held out, the model
+   is evaluated on it every --eval-every steps, and the run reports the
+   test accuracy of the parameters with the best validation accuracy.
+   NOTE: DomainBed reports the test accuracy on 80% of the held-out domain
+   (its "in" split); here it is all images of the held-out domain. */
+
+#define DG_METHODS 2
+#define DG_GROUPS (DOMAIN_COUNT + 1)   /* the held-out domains, then their average */
+
+static const method_kind dg_methods[DG_METHODS] = {METHOD_FT, METHOD_STOCHCA};
+static const char *const dg_group_labels[DG_GROUPS] = {"0&#176;", "15&#176;", "30&#176;", "45&#176;", "60&#176;",
+                                                       "75&#176;", "avg"};
+
+/* Loads MNIST, builds Rotated MNIST, loads the checkpoint, creates the
+   output folder and opens the runs file. Returns 0 after printing a message. */
+static int open_dg_sweep(sweep *s, const options *o)
+{
+    dataset train, test;
+    int ok;
+
+    memset(s, 0, sizeof *s);
+    s->o = *o;
+    if (!make_folder(o->out_dir) || !load_split(&train, o->data_dir, "mnist", "train", 28))
+        return 0;
+    ok = load_split(&test, o->data_dir, "mnist", "test", 28) && build_rotated_mnist(&train, &test, &s->rotated);
+    free_dataset(&train);
+    free_dataset(&test);
+    if (!ok || !load_pretrained(&s->pre, o->checkpoint, 28))
+        return 0;
+    s->runs_file = open_runs_file(o, "dg-runs.tsv", s->runs_path, sizeof s->runs_path, 1);
+    if (!s->runs_file)
+        return 0;
+    fprintf(stderr, "Rotated MNIST: %d digits in %d domains\n", s->rotated.images.count, DOMAIN_COUNT);
+    return 1;
+}
+
+/* Gathers the train, val and test images of one leave-one-domain-out run.
+   Returns 0 after printing a message. */
+static int make_domain_datasets(const rotated_mnist *r, int test_domain, long seed, dataset *train, dataset *val,
+                                dataset *test)
+{
+    const size_t size = (size_t)r->images.count * sizeof(int);
+    int *train_index = (int *)malloc(size), *val_index = (int *)malloc(size), *test_index = (int *)malloc(size);
+    int train_count, val_count, test_count, ok;
+
+    memset(train, 0, sizeof *train);
+    memset(val, 0, sizeof *val);
+    memset(test, 0, sizeof *test);
+    ok = train_index && val_index && test_index &&
+         split_domains(r, test_domain, seed, train_index, &train_count, val_index, &val_count, test_index,
+                       &test_count) &&
+         gather_images(&r->images, train_index, train_count, train) &&
+         gather_images(&r->images, val_index, val_count, val) && gather_images(&r->images, test_index, test_count, test);
+    if (!ok) {
+        fprintf(stderr, "train: out of memory for the domain split\n");
+        free_dataset(train);
+        free_dataset(val);
+        free_dataset(test);
+    }
+    free(train_index);
+    free(val_index);
+    free(test_index);
+    return ok;
+}
+
+/* Trains method on every domain but test_domain and measures the held-out
+   domain with the parameters of the best validation accuracy. */
+static int dg_run(sweep *s, method_kind method, int test_domain, long seed, run_record *r)
+{
+    options o = s->o;
+    dataset train, val, test;
+    stochca_model m;
+    validation_tracker tracker;
+    char label[160];
+    double start = now_seconds();
+    int ok;
+
+    o.method = method;
+    o.seed = seed;
+    memset(&m, 0, sizeof m);
+    memset(&tracker, 0, sizeof tracker);
+    memset(r, 0, sizeof *r);
+    r->method = method_names[method];
+    r->p = uses_stochca(method) ? o.p : 0;
+    r->domain = domain_angles[test_domain];
+    r->seed = seed;
+    r->steps = o.steps;
+    if (!make_domain_datasets(&s->rotated, test_domain, seed, &train, &val, &test))
+        return 0;
+    r->train_images = train.count;
+    run_label(label, sizeof label, s, r);
+    ok = init_run_model(&m, &s->pre, 0, seed) && init_tracker(&tracker, &val, o.eval_every, o.batch, m.num_params) &&
+         train_model(&m, method == METHOD_FT ? NULL : &s->pre, &train, &o, label, &tracker) == TRAIN_DONE;
+    if (ok) {
+        memcpy(m.param_memory, tracker.best_params, m.num_params * sizeof(stochca_real));
+        r->best_step = tracker.best_step;
+        r->val_acc = tracker.best_accuracy;
+        r->test_acc = test_accuracy(&m, &test);
+        r->seconds = now_seconds() - start;
+        ok = r->test_acc >= 0;
+    }
+    free_tracker(&tracker);
+    stochca_model_free(&m);
+    free_dataset(&train);
+    free_dataset(&val);
+    free_dataset(&test);
+    if (ok)
+        print_run_result(r);
+    return ok;
+}
+
+/* Runs every method with every held-out domain and seed. */
+static int run_dg_grid(sweep *s, run_table *runs)
+{
+    long seed;
+    int domain, k;
+    for (seed = 0; seed < s->o.seeds; seed++)
+        for (domain = 0; domain < DOMAIN_COUNT; domain++)
+            for (k = 0; k < DG_METHODS; k++) {
+                run_record *r = &runs->runs[runs->count];
+                if (!dg_run(s, dg_methods[k], domain, seed, r))
+                    return 0;
+                runs->count++;
+                write_run_row(s->runs_file, r, 1);
+            }
+    return 1;
+}
+
+/* Appends, for every method and seed, a record with domain DOMAIN_AVERAGE
+   whose accuracies are the means over the held-out domains of that seed.
+   t needs room for DG_METHODS * seeds more records. */
+static void append_domain_averages(run_table *t, int seeds)
+{
+    const int runs = t->count;
+    long seed;
+    int k, i;
+    for (k = 0; k < DG_METHODS; k++)
+        for (seed = 0; seed < seeds; seed++) {
+            run_record average;
+            int n = 0;
+            memset(&average, 0, sizeof average);
+            for (i = 0; i < runs; i++) {
+                const run_record *r = &t->runs[i];
+                if (strcmp(r->method, method_names[dg_methods[k]]) != 0 || r->seed != seed)
+                    continue;
+                if (n == 0) {
+                    average = *r;
+                } else {
+                    average.val_acc += r->val_acc;
+                    average.test_acc += r->test_acc;
+                }
+                n++;
+            }
+            if (n == 0)
+                continue;
+            average.domain = DOMAIN_AVERAGE;
+            average.val_acc /= n;
+            average.test_acc /= n;
+            t->runs[t->count++] = average;
+        }
+}
+
+/* Writes dg-accuracy.svg: test accuracy per held-out domain and on
+   average, one bar per method, error bars of one sample standard deviation. */
+static int write_dg_figure(const sweep *s, const summary_cell *cells, int count)
+{
+    const double bar_width = 0.8 / DG_METHODS;
+    char path[1100], title[160], legend[64];
+    double x[DG_GROUPS];
+    FILE *f = open_output(s->o.out_dir, "dg-accuracy.svg", path, sizeof path);
+    svg_figure g;
+    int group, k;
+
+    if (!f)
+        return 0;
+    for (group = 0; group < DG_GROUPS; group++)
+        x[group] = group;
+    snprintf(title, sizeof title, "Rotated MNIST, held-out domain test accuracy (mean &#177; sample std, %d seed%s)",
+             s->o.seeds, plural(s->o.seeds));
+    figure_begin(&g, f, title, -0.5, DG_GROUPS - 0.5, 0, 100);
+    figure_axes(&g, DG_GROUPS, x, dg_group_labels, 10, "held-out domain (rotation)", "test accuracy (%)");
+    for (k = 0; k < DG_METHODS; k++) {
+        const method_kind method = dg_methods[k];
+        const double p = uses_stochca(method) ? s->o.p : 0;
+        for (group = 0; group < DG_GROUPS; group++) {
+            const int domain = group < DOMAIN_COUNT ? domain_angles[group] : DOMAIN_AVERAGE;
+            const summary_cell *c = find_cell(cells, count, method_names[method], p, 0, domain);
+            if (c)
+                figure_bar(&g, group + (k - (DG_METHODS - 1) / 2.0) * bar_width, bar_width, c->test_mean,
+                           c->test_std, series_colors[k]);
+        }
+        if (p > 0)
+            snprintf(legend, sizeof legend, "%s (p = %g)", method_names[method], p);
+        else
+            snprintf(legend, sizeof legend, "%s (ERM)", method_names[method]);
+        figure_legend(&g, series_colors[k], legend, 0);
+    }
+    figure_end(&g);
+    return close_output(f, path);
+}
+
+static void print_dg_table(const sweep *s, const summary_cell *cells, int count)
+{
+    char name[64];
+    int group, k;
+    printf("\nRotated MNIST, test accuracy in %% on the held-out domain, mean (sample std) over %d seed%s\n%-16s",
+           s->o.seeds, plural(s->o.seeds), "method");
+    for (group = 0; group < DOMAIN_COUNT; group++) {
+        snprintf(name, sizeof name, "%d deg", domain_angles[group]);
+        printf("  %14s", name);
+    }
+    printf("  %14s\n", "avg");
+    for (k = 0; k < DG_METHODS; k++) {
+        const method_kind method = dg_methods[k];
+        const double p = uses_stochca(method) ? s->o.p : 0;
+        if (p > 0)
+            snprintf(name, sizeof name, "%s p=%g", method_names[method], p);
+        else
+            snprintf(name, sizeof name, "%s", method_names[method]);
+        printf("%-16s", name);
+        for (group = 0; group < DG_GROUPS; group++) {
+            const int domain = group < DOMAIN_COUNT ? domain_angles[group] : DOMAIN_AVERAGE;
+            const summary_cell *c = find_cell(cells, count, method_names[method], p, 0, domain);
+            print_mean_std(c ? c->test_mean : NAN, c ? c->test_std : NAN);
+        }
+        printf("\n");
+    }
+}
+
+/* The domain-generalization sweep: every method, held-out domain and seed. */
+static int cmd_dg_sweep(const options *o)
+{
+    sweep s;
+    run_table runs;
+    summary_cell *cells = NULL;
+    int count = -1, ok;
+
+    memset(&runs, 0, sizeof runs);
+    ok = open_dg_sweep(&s, o) && init_table(&runs, (DOMAIN_COUNT + 1) * DG_METHODS * o->seeds);
+    s.total = DOMAIN_COUNT * DG_METHODS * o->seeds;
+    ok = ok && run_dg_grid(&s, &runs);
+    if (ok) {
+        append_domain_averages(&runs, o->seeds);
+        count = summarize_table(&runs, &cells);
+        ok = count >= 0 && write_summary(o->out_dir, "dg-summary.tsv", cells, count, 1) &&
+             write_dg_figure(&s, cells, count);
+    }
+    if (ok) {
+        print_dg_table(&s, cells, count);
+        printf("\nwrote dg-runs.tsv, dg-summary.tsv and dg-accuracy.svg to %s\n", o->out_dir);
+    }
+    free(cells);
+    free_table(&runs);
+    return close_sweep(&s) && ok;
+}
+
 #ifndef STOCHCA_TRAIN_NO_MAIN
 int main(int argc, char **argv)
 {
     const char *command = argc > 1 ? argv[1] : "";
     const int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench");
-    const int tl_sweep = !strcmp(command, "tl-sweep");
+    const int tl_sweep = !strcmp(command, "tl-sweep"), dg_sweep = !strcmp(command, "dg-sweep");
     options o = default_options(pretraining || benchmark);
     int ok;
 
@@ -2190,18 +2683,20 @@ int main(int argc, char **argv)
         o.config.patch_size = 4;
         o.p = 0.5;
     }
-    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune") && !tl_sweep) {
+    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune") && !tl_sweep && !dg_sweep) {
         fprintf(stderr, "train: unknown command '%s'\n\n", command);
         print_usage(stderr);
         return 2;
     }
-    if (tl_sweep)
+    if (tl_sweep || dg_sweep)
         o.steps = SWEEP_DEFAULT_STEPS;
     if (!parse_options(&o, command, argc > 1 ? argc - 2 : 0, argv + 2))
         return 2;
     set_threads(&o);
     if (tl_sweep)
         ok = cmd_tl_sweep(&o);
+    else if (dg_sweep)
+        ok = cmd_dg_sweep(&o);
     else if (pretraining)
         ok = cmd_pretrain(&o);
     else if (benchmark)
