@@ -1,4 +1,4 @@
-# stochca: make, make test, make run, make bench, make clean.
+# stochca: make, make test, make run, make bench, make experiments, make clean.
 # make OMP=0 builds without OpenMP; make NATIVE=0 without -march=native.
 
 CC ?= cc
@@ -18,7 +18,7 @@ endif
 CFLAGS_ALL = $(OPT) $(WARNINGS) $(OMP_FLAGS) $(CFLAGS)
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all test run bench sanitize clean
+.PHONY: all test run bench experiments sanitize clean
 
 all: train
 
@@ -42,6 +42,15 @@ run: train
 
 bench: train
 	./train bench
+
+# The transfer-learning and domain-generalization sweeps at full size, into
+# $(OUT). Not part of CI. dg-sweep uses the p that tl-sweep chose by
+# validation accuracy. Extra flags for both: make experiments SWEEP_FLAGS="--threads 2".
+OUT ?= out
+SWEEP_FLAGS ?=
+experiments: train
+	./train tl-sweep --out-dir $(OUT) $(SWEEP_FLAGS)
+	./train dg-sweep --out-dir $(OUT) --p "$$(cat $(OUT)/tl-chosen-p.txt)" $(SWEEP_FLAGS)
 
 clean:
 	rm -f train test_stochca test_sanitize *.tmp

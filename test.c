@@ -973,6 +973,341 @@ static void test_idx(void)
 }
 
 /* ---------------------------------------------------------------------------
+   Sweeps: rotation, Rotated MNIST, splits, summaries and the choice of p */
+
+#define SIDE 28
+
+static int count_nonzero(const unsigned char *image, int n)
+{
+    int i, count = 0;
+    for (i = 0; i < n; i++)
+        count += image[i] != 0;
+    return count;
+}
+
+/* Total intensity and intensity-weighted center (row, col) of an image. */
+static double image_mass(const unsigned char *image, double *row, double *col)
+{
+    double mass = 0, r = 0, c = 0;
+    int i, j;
+    for (i = 0; i < SIDE; i++)
+        for (j = 0; j < SIDE; j++) {
+            mass += image[i * SIDE + j];
+            r += i * (double)image[i * SIDE + j];
+            c += j * (double)image[i * SIDE + j];
+        }
+    *row = r / mass;
+    *col = c / mass;
+    return mass;
+}
+
+/* A Gaussian blob of peak 250 and standard deviation 2.5 pixels. */
+static void draw_blob(unsigned char *image, double row, double col)
+{
+    int i, j;
+    for (i = 0; i < SIDE; i++)
+        for (j = 0; j < SIDE; j++) {
+            const double d2 = (i - row) * (i - row) + (j - col) * (j - col);
+            image[i * SIDE + j] = (unsigned char)floor(250 * exp(-d2 / (2 * 2.5 * 2.5)) + 0.5);
+        }
+}
+
+static void test_rotation(stochca_rng *rng)
+{
+    unsigned char in[SIDE * SIDE], out[SIDE * SIDE];
+    double mass_in, mass_out, row_in, col_in, row_out, col_out;
+    char detail[200];
+    int i;
+
+    for (i = 0; i < SIDE * SIDE; i++)
+        in[i] = (unsigned char)(stochca_rng_next(rng) & 255);
+    rotate_image(out, in, SIDE, 0);
+    check_true("rotation by 0 degrees is identity", memcmp(in, out, sizeof in) == 0,
+               "random 28x28 image unchanged byte for byte");
+
+    /* Counterclockwise by 90 degrees about (13.5, 13.5): (row, col) goes to (27 - col, row). */
+    memset(in, 0, sizeof in);
+    in[5 * SIDE + 20] = 200;
+    rotate_image(out, in, SIDE, 90);
+    snprintf(detail, sizeof detail, "pixel (5, 20) = 200 moved to (7, 5): %d there, %d nonzero pixels",
+             out[7 * SIDE + 5], count_nonzero(out, SIDE * SIDE));
+    check_true("rotation by 90 degrees moves pixel", out[7 * SIDE + 5] == 200, detail);
+    check_true("rotation by 90 degrees moves nothing else", count_nonzero(out, SIDE * SIDE) == 1, detail);
+
+    draw_blob(in, 13.5, 13.5);
+    rotate_image(out, in, SIDE, 45);
+    mass_in = image_mass(in, &row_in, &col_in);
+    mass_out = image_mass(out, &row_out, &col_out);
+    snprintf(detail, sizeof detail, "mass %.0f -> %.0f, center (%.2f, %.2f) -> (%.2f, %.2f)", mass_in, mass_out,
+             row_in, col_in, row_out, col_out);
+    check_true("rotation by 45 degrees keeps blob mass", fabs(mass_out / mass_in - 1) < 0.01, detail);
+    check_true("rotation by 45 degrees keeps center", fabs(row_out - 13.5) < 0.05 && fabs(col_out - 13.5) < 0.05,
+               detail);
+
+    /* A blob 6.5 pixels right of the center ends up at 45 degrees, up and right. */
+    draw_blob(in, 13.5, 20);
+    rotate_image(out, in, SIDE, 45);
+    image_mass(out, &row_out, &col_out);
+    snprintf(detail, sizeof detail, "center (13.50, 20.00) -> (%.2f, %.2f), expected (%.2f, %.2f)", row_out,
+             col_out, 13.5 - 6.5 * sqrt(0.5), 13.5 + 6.5 * sqrt(0.5));
+    check_true("rotation by 45 degrees is counterclockwise",
+               fabs(row_out - (13.5 - 6.5 * sqrt(0.5))) < 0.2 && fabs(col_out - (13.5 + 6.5 * sqrt(0.5))) < 0.2,
+               detail);
+}
+
+static void test_rotated_mnist(void)
+{
+    dataset train, test;
+    rotated_mnist r;
+    int *seen, sizes[DOMAIN_COUNT] = {0}, j, repeats = 0, wrong_domain = 0, wrong_label = 0, wrong_pixels = 0;
+    unsigned char expected[SIDE * SIDE];
+    char detail[300];
+
+    if (!load_split(&train, "data", "mnist", "train", SIDE) || !load_split(&test, "data", "mnist", "test", SIDE) ||
+        !build_rotated_mnist(&train, &test, &r)) {
+        check_true("Rotated MNIST builds", 0, "see the message above");
+        return;
+    }
+    seen = (int *)calloc((size_t)r.images.count, sizeof(int));
+    for (j = 0; j < r.images.count; j++) {
+        const int k = r.source[j];
+        const dataset *from = k < train.count ? &train : &test;
+        const int index = k < train.count ? k : k - train.count;
+        repeats += seen[k]++ > 0;
+        sizes[r.domain[j]]++;
+        wrong_domain += r.domain[j] != j % DOMAIN_COUNT;
+        wrong_label += r.images.labels[j] != from->labels[index];
+        rotate_image(expected, from->pixels + (size_t)index * SIDE * SIDE, SIDE, domain_angles[r.domain[j]]);
+        wrong_pixels += memcmp(expected, r.images.pixels + (size_t)j * SIDE * SIDE, sizeof expected) != 0;
+    }
+    snprintf(detail, sizeof detail, "%d images, %d sources repeated; shares %d %d %d %d %d %d", r.images.count,
+             repeats, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]);
+    check_true("Rotated MNIST uses every digit once", r.images.count == 10000 && repeats == 0, detail);
+    for (j = 0; j < DOMAIN_COUNT; j++)
+        wrong_domain += sizes[j] != (j < 4 ? 1667 : 1666);
+    check_true("Rotated MNIST share sizes", wrong_domain == 0, detail);
+    snprintf(detail, sizeof detail, "%d wrong labels, %d images differ from their rotated source", wrong_label,
+             wrong_pixels);
+    check_true("Rotated MNIST images match sources", wrong_label == 0 && wrong_pixels == 0, detail);
+
+    free(seen);
+    free_rotated_mnist(&r);
+    free_dataset(&train);
+    free_dataset(&test);
+}
+
+/* Checks one leave-one-domain-out split: every image in exactly one list,
+   the test list is the held-out domain, and val has about 20% of each
+   other domain. Returns a description of the first problem, or NULL. */
+static const char *check_domain_split(const rotated_mnist *r, int test_domain, long seed)
+{
+    const int n = r->images.count;
+    int *train = (int *)malloc((size_t)n * sizeof(int)), *val = (int *)malloc((size_t)n * sizeof(int));
+    int *test = (int *)malloc((size_t)n * sizeof(int)), *where = (int *)calloc((size_t)n, sizeof(int));
+    int val_per_domain[DOMAIN_COUNT] = {0}, size_per_domain[DOMAIN_COUNT] = {0};
+    int train_count, val_count, test_count, i;
+    const char *problem = NULL;
+
+    if (!split_domains(r, test_domain, seed, train, &train_count, val, &val_count, test, &test_count))
+        problem = "split_domains failed";
+    for (i = 0; !problem && i < train_count; i++)
+        where[train[i]] += 1;
+    for (i = 0; !problem && i < val_count; i++) {
+        where[val[i]] += 2;
+        val_per_domain[r->domain[val[i]]]++;
+    }
+    for (i = 0; !problem && i < test_count; i++) {
+        where[test[i]] += 4;
+        if (r->domain[test[i]] != test_domain)
+            problem = "a test image is not from the held-out domain";
+    }
+    for (i = 0; !problem && i < n; i++) {
+        size_per_domain[r->domain[i]]++;
+        if (where[i] != 1 && where[i] != 2 && where[i] != 4)
+            problem = "an image is in no list or in two lists";
+        else if ((where[i] == 4) != (r->domain[i] == test_domain))
+            problem = "a held-out image is trained or validated on";
+    }
+    for (i = 0; !problem && i < DOMAIN_COUNT; i++)
+        if (i != test_domain && fabs(val_per_domain[i] - 0.2 * size_per_domain[i]) > DATA_CLASSES)
+            problem = "a training domain does not hold out 20% for validation";
+    free(train);
+    free(val);
+    free(test);
+    free(where);
+    return problem;
+}
+
+static void test_domain_splits(void)
+{
+    dataset train, test;
+    rotated_mnist r;
+    const char *problem = NULL;
+    char detail[200] = "6 held-out domains x seeds 0, 1: train, val and test partition all 10,000 images";
+    int domain;
+    long seed;
+
+    if (!load_split(&train, "data", "mnist", "train", SIDE) || !load_split(&test, "data", "mnist", "test", SIDE) ||
+        !build_rotated_mnist(&train, &test, &r)) {
+        check_true("domain split builds", 0, "see the message above");
+        return;
+    }
+    for (domain = 0; domain < DOMAIN_COUNT && !problem; domain++)
+        for (seed = 0; seed < 2 && !problem; seed++)
+            if ((problem = check_domain_split(&r, domain, seed)) != NULL)
+                snprintf(detail, sizeof detail, "held-out domain %d, seed %ld: %s", domain, seed, problem);
+    check_true("domain split disjoint and complete", problem == NULL, detail);
+    free_rotated_mnist(&r);
+    free_dataset(&train);
+    free_dataset(&test);
+}
+
+/* A data set whose image i stores i in its first two pixels, so splits can
+   be checked by index; classes of unequal size. */
+static void make_indexed_dataset(dataset *d, int count)
+{
+    int i;
+    d->count = count;
+    d->rows = d->cols = SIDE;
+    d->pixels = (unsigned char *)calloc((size_t)count, SIDE * SIDE);
+    d->labels = (unsigned char *)malloc((size_t)count);
+    for (i = 0; i < count; i++) {
+        d->pixels[(size_t)i * SIDE * SIDE] = (unsigned char)(i & 255);
+        d->pixels[(size_t)i * SIDE * SIDE + 1] = (unsigned char)(i >> 8);
+        d->labels[i] = (unsigned char)((i * i + i / 7) % DATA_CLASSES);
+    }
+}
+
+static int image_index(const dataset *d, int k)
+{
+    return d->pixels[(size_t)k * SIDE * SIDE] | d->pixels[(size_t)k * SIDE * SIDE + 1] << 8;
+}
+
+static void test_validation_split(void)
+{
+    static const double ratios[4] = {0.15, 0.30, 0.50, 1.00};
+    dataset full, pool, val, again_pool, again_val, train;
+    unsigned char in_val[3000] = {0};
+    int i, k, overlaps = 0, repeats = 0, ratio_one_missing = 0, same;
+    long seed;
+    char detail[200];
+
+    make_indexed_dataset(&full, 3000);
+    split_validation(&full, &pool, &val);
+    split_validation(&full, &again_pool, &again_val);
+    same = val.count == again_val.count && memcmp(val.pixels, again_val.pixels, (size_t)val.count * SIDE * SIDE) == 0;
+    check_true("validation split fixed", same, "two calls give the same validation images in the same order");
+    snprintf(detail, sizeof detail, "%d validation + %d pool of %d images", val.count, pool.count, full.count);
+    check_true("validation split takes 10 percent", val.count + pool.count == full.count && abs(val.count - 300) <= 5,
+               detail);
+    for (k = 0; k < val.count; k++)
+        in_val[image_index(&val, k)] = 1;
+
+    for (seed = 0; seed < 3; seed++)
+        for (i = 0; i < 4; i++) {
+            unsigned char in_train[3000] = {0};
+            make_subset(&pool, ratios[i], (uint64_t)seed, &train);
+            for (k = 0; k < train.count; k++) {
+                const int index = image_index(&train, k);
+                overlaps += in_val[index];
+                repeats += in_train[index]++;
+            }
+            if (ratios[i] == 1.0)
+                ratio_one_missing += pool.count - train.count;
+            free_dataset(&train);
+        }
+    snprintf(detail, sizeof detail, "seeds 0-2 x ratios 0.15-1: %d training images in validation, %d repeated, "
+             "%d pool images missing at ratio 1", overlaps, repeats, ratio_one_missing);
+    check_true("validation split disjoint from subsets", overlaps == 0 && repeats == 0, detail);
+    check_true("subset at ratio 1 is whole pool", ratio_one_missing == 0, detail);
+
+    free_dataset(&full);
+    free_dataset(&pool);
+    free_dataset(&val);
+    free_dataset(&again_pool);
+    free_dataset(&again_val);
+}
+
+static run_record hand_record(const char *method, double p, double ratio, long seed, double val, double test)
+{
+    run_record r;
+    memset(&r, 0, sizeof r);
+    r.method = method;
+    r.p = p;
+    r.ratio = ratio;
+    r.domain = NO_DOMAIN;
+    r.seed = seed;
+    r.val_acc = val;
+    r.test_acc = test;
+    return r;
+}
+
+static void test_summaries(void)
+{
+    const double x[3] = {1, 2, 4};
+    double mean, std;
+    run_record records[6];
+    summary_cell cells[6];
+    run_table table;
+    char detail[200];
+    int count;
+
+    memset(cells, 0, sizeof cells);
+    mean_std(x, 3, &mean, &std);
+    snprintf(detail, sizeof detail, "{1, 2, 4}: mean %.6f (7/3), std %.6f (sqrt(7/3) = 1.527525)", mean, std);
+    check_true("mean of three values by hand", fabs(mean - 7.0 / 3.0) < 1e-12, detail);
+    check_true("sample std of three values by hand", fabs(std - sqrt(7.0 / 3.0)) < 1e-12, detail);
+    mean_std(x, 1, &mean, &std);
+    check_true("sample std of one value is NaN", mean == 1 && isnan(std), "n = 1: mean 1, std NaN");
+
+    records[0] = hand_record("ft", 0, 0.15, 0, 80, 90);
+    records[1] = hand_record("stochca", 0.1, 0.15, 0, 81, 91);
+    records[2] = hand_record("ft", 0, 0.15, 1, 82, 92);
+    records[3] = hand_record("ft", 0, 0.30, 0, 70, 70);
+    records[4] = hand_record("ft", 0, 0.15, 2, 84, 94);
+    records[5] = hand_record("stochca", 0.3, 0.15, 0, 85, 85);
+    table.runs = records;
+    table.count = table.capacity = 6;
+    count = summarize_runs(&table, cells);
+    snprintf(detail, sizeof detail, "%d cells; ft 0.15: n %d, test mean %.3f, std %.3f, val mean %.3f", count,
+             cells[0].n, cells[0].test_mean, cells[0].test_std, cells[0].val_mean);
+    check_true("summary groups runs by cell", count == 4 && cells[0].n == 3 && cells[1].n == 1 && cells[2].n == 1 &&
+                                               cells[2].ratio == 0.30 && cells[3].p == 0.3, detail);
+    check_true("summary mean and std by hand", fabs(cells[0].test_mean - 92) < 1e-12 &&
+                                               fabs(cells[0].test_std - 2) < 1e-12 &&
+                                               fabs(cells[0].val_mean - 82) < 1e-12, detail);
+}
+
+static void test_choose_p(void)
+{
+    summary_cell cells[3];
+    memset(cells, 0, sizeof cells);
+    cells[0].p = 0.1;
+    cells[0].val_mean = 90;
+    cells[0].test_mean = 99;   /* best test accuracy */
+    cells[1].p = 0.3;
+    cells[1].val_mean = 95;    /* best validation accuracy */
+    cells[1].test_mean = 80;
+    cells[2].p = 0.5;
+    cells[2].val_mean = 95;    /* ties with 0.3 */
+    cells[2].test_mean = 70;
+    check_true("p choice ignores test accuracy", choose_p(cells, 3) == 0.3,
+               "validation 90, 95, 95 and test 99, 80, 70 for p 0.1, 0.3, 0.5 give p 0.3");
+}
+
+static void test_output_folder(void)
+{
+    struct stat info;
+    const int made = make_folder("test_sweep.tmp.d/a/b");
+    check_true("output folder created with parents", made && stat("test_sweep.tmp.d/a/b", &info) == 0 &&
+                                                     S_ISDIR(info.st_mode), "test_sweep.tmp.d/a/b");
+    check_true("existing output folder accepted", make_folder("test_sweep.tmp.d/a/b"), "second call succeeds");
+    remove("test_sweep.tmp.d/a/b");
+    remove("test_sweep.tmp.d/a");
+    remove("test_sweep.tmp.d");
+}
+
+/* ---------------------------------------------------------------------------
    Allocation failures: each one is returned as STOCHCA_ERR_NOMEM, and
    nothing stays allocated after stochca_model_free. */
 
@@ -1097,6 +1432,30 @@ static void test_driver_flags(void)
                   "train: cannot open 'no/such/dir/mnist-train-images.idx'");
     check_command("missing checkpoint rejected", "./train " FT_FLAGS " --checkpoint no/such.bin", 1,
                   "train: cannot open checkpoint 'no/such.bin'; check the path");
+}
+
+static void test_driver_sweep_flags(void)
+{
+    check_command("tl-sweep rejects --method", "./train tl-sweep --method ft", 2,
+                  "train: invalid flag '--method' for tl-sweep, expected one of: --seeds");
+    check_command("tl-sweep rejects --eval-every", "./train tl-sweep --eval-every 10", 2,
+                  "train: invalid flag '--eval-every' for tl-sweep");
+    check_command("dg-sweep rejects --ratio", "./train dg-sweep --ratio 0.5", 2,
+                  "train: invalid flag '--ratio' for dg-sweep");
+    check_command("finetune rejects --seeds", "./train finetune --seeds 2", 2,
+                  "train: --seeds is a flag of tl-sweep and dg-sweep only");
+    check_command("flag seeds 0 rejected", "./train tl-sweep --seeds 0", 2,
+                  "train: invalid value '0' for --seeds, expected an integer from 1 to 1000");
+    check_command("flag eval-every 0 rejected", "./train dg-sweep --eval-every 0", 2,
+                  "train: invalid value '0' for --eval-every, expected an integer from 1 to 100000000");
+    check_command("out-dir that is a file rejected", "./train tl-sweep --out-dir README.md", 1,
+                  "train: --out-dir 'README.md' exists but is not a folder");
+    check_command("tl-sweep missing data rejected", "./train tl-sweep --data no/such/dir --out-dir test_sweep.tmp.d", 1,
+                  "train: cannot open 'no/such/dir/mnist-train-images.idx'");
+    check_command("dg-sweep missing checkpoint rejected",
+                  "./train dg-sweep --checkpoint no/such.bin --out-dir test_sweep.tmp.d", 1,
+                  "train: cannot open checkpoint 'no/such.bin'; check the path");
+    remove("test_sweep.tmp.d");
 }
 
 /* A valid checkpoint for 32x32x3 images must not be used on MNIST. */
@@ -1432,8 +1791,16 @@ int main(void)
     test_torchvision_reference();
     test_kv_cache(&rng);
     test_skipped_kv(&rng);
+    test_rotation(&rng);
+    test_rotated_mnist();
+    test_domain_splits();
+    test_validation_split();
+    test_summaries();
+    test_choose_p();
+    test_output_folder();
     test_allocation_failures();
     test_driver_flags();
+    test_driver_sweep_flags();
     test_driver_other_shape(&rng);
     test_driver_resume();
     test_driver_threads();

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>  /* mkdir and stat for the sweeps' --out-dir (POSIX) */
 #include <time.h>
 
 #ifdef _OPENMP
@@ -182,48 +183,109 @@ static int load_dataset(dataset *d, const char *images_path, const char *labels_
 /* ---------------------------------------------------------------------------
    Subsets and batches */
 
-/* Picks round(ratio * n_c) images (at least 1) of every class c, chosen by
-   a seeded shuffle within the class, so the subset is stratified and fixed
-   per seed. Returns 0 on allocation failure. */
-static int make_subset(const dataset *src, double ratio, uint64_t seed, dataset *dst)
+/* Shuffles x[0..n-1] in place (Fisher-Yates). */
+static void shuffle_indices(int *x, int n, stochca_rng *rng)
+{
+    int i;
+    for (i = n - 1; i > 0; i--) {
+        int j = (int)(stochca_rng_next(rng) % (uint64_t)(i + 1)), swap = x[i];
+        x[i] = x[j];
+        x[j] = swap;
+    }
+}
+
+/* Splits the images members[0..count-1] of d class by class. One
+   generator seeded with `seed` shuffles the n_c members of each class c,
+   in class order 0 to 9. The first round(fraction * n_c) of them, and at
+   least 1 when n_c > 0, go to picked. The others go to rest unless rest is
+   NULL. picked and rest need room for count indices. Returns 0 on
+   allocation failure. */
+static int split_by_class(const dataset *d, const int *members, int count, double fraction, uint64_t seed,
+                          int *picked, int *picked_count, int *rest, int *rest_count)
+{
+    int *class_members = (int *)malloc((size_t)(count > 0 ? count : 1) * sizeof(int));
+    int c, i;
+    stochca_rng rng;
+
+    if (!class_members)
+        return 0;
+    *picked_count = 0;
+    if (rest_count)
+        *rest_count = 0;
+    stochca_rng_seed(&rng, seed);
+    for (c = 0; c < DATA_CLASSES; c++) {
+        int n = 0, keep;
+        for (i = 0; i < count; i++)
+            if (d->labels[members[i]] == c)
+                class_members[n++] = members[i];
+        shuffle_indices(class_members, n, &rng);
+        keep = (int)floor(fraction * n + 0.5);
+        if (keep < 1 && n > 0)
+            keep = 1;
+        for (i = 0; i < n; i++) {
+            if (i < keep)
+                picked[(*picked_count)++] = class_members[i];
+            else if (rest)
+                rest[(*rest_count)++] = class_members[i];
+        }
+    }
+    free(class_members);
+    return 1;
+}
+
+/* Returns a new array 0, 1, ..., count - 1, or NULL if out of memory. */
+static int *identity_indices(int count)
+{
+    int *x = (int *)malloc((size_t)(count > 0 ? count : 1) * sizeof(int));
+    int i;
+    if (x)
+        for (i = 0; i < count; i++)
+            x[i] = i;
+    return x;
+}
+
+/* Copies images indices[0..count-1] of src, in that order, into a new
+   dataset dst. Returns 0 on allocation failure, with dst empty. */
+static int gather_images(const dataset *src, const int *indices, int count, dataset *dst)
 {
     const size_t image = (size_t)src->rows * src->cols;
-    int *members = (int *)malloc((size_t)src->count * sizeof(int));
-    int c, i, taken = 0;
-    stochca_rng rng;
+    int i;
 
     memset(dst, 0, sizeof *dst);
     dst->rows = src->rows;
     dst->cols = src->cols;
-    dst->pixels = (unsigned char *)malloc((size_t)src->count * image);
-    dst->labels = (unsigned char *)malloc((size_t)src->count);
-    if (!members || !dst->pixels || !dst->labels) {
-        free(members);
+    dst->pixels = (unsigned char *)malloc((size_t)(count > 0 ? count : 1) * image);
+    dst->labels = (unsigned char *)malloc((size_t)(count > 0 ? count : 1));
+    if (!dst->pixels || !dst->labels) {
         free_dataset(dst);
         return 0;
     }
-    stochca_rng_seed(&rng, seed * 1000003u + 17u);
-    for (c = 0; c < DATA_CLASSES; c++) {
-        int n = 0, keep;
-        for (i = 0; i < src->count; i++)
-            if (src->labels[i] == c)
-                members[n++] = i;
-        for (i = n - 1; i > 0; i--) {
-            int j = (int)(stochca_rng_next(&rng) % (uint64_t)(i + 1)), swap = members[i];
-            members[i] = members[j];
-            members[j] = swap;
-        }
-        keep = (int)floor(ratio * n + 0.5);
-        if (keep < 1 && n > 0)
-            keep = 1;
-        for (i = 0; i < keep; i++, taken++) {
-            memcpy(dst->pixels + (size_t)taken * image, src->pixels + (size_t)members[i] * image, image);
-            dst->labels[taken] = src->labels[members[i]];
-        }
+    for (i = 0; i < count; i++) {
+        memcpy(dst->pixels + (size_t)i * image, src->pixels + (size_t)indices[i] * image, image);
+        dst->labels[i] = src->labels[indices[i]];
     }
-    dst->count = taken;
-    free(members);
+    dst->count = count;
     return 1;
+}
+
+/* Picks round(ratio * n_c) images (at least 1) of every class c, chosen by
+   a seeded shuffle within the class, so the subset is stratified and fixed
+   per seed. The shuffle does not depend on the ratio, so for one seed a
+   smaller ratio gives a subset of a larger one. Returns 0 on allocation
+   failure. */
+static int make_subset(const dataset *src, double ratio, uint64_t seed, dataset *dst)
+{
+    int *all = identity_indices(src->count);
+    int *picked = (int *)malloc((size_t)(src->count > 0 ? src->count : 1) * sizeof(int));
+    int count = 0, ok;
+
+    memset(dst, 0, sizeof *dst);
+    ok = all && picked &&
+         split_by_class(src, all, src->count, ratio, seed * 1000003u + 17u, picked, &count, NULL, NULL) &&
+         gather_images(src, picked, count, dst);
+    free(all);
+    free(picked);
+    return ok;
 }
 
 /* The order of images in epoch `epoch`: a shuffle seeded by (seed, epoch),
@@ -257,6 +319,150 @@ static void fill_batch(const dataset *d, const int *order, int B, stochca_real *
 }
 
 /* ---------------------------------------------------------------------------
+   Rotated MNIST, after RotatedMNIST in DomainBed's domainbed/datasets.py:
+   all digits of the train and test files, shuffled once, dealt into six
+   interleaved shares (image j of the shuffled list goes to share j mod 6),
+   share i rotated by domain_angles[i] degrees. Two differences: there are
+   10,000 digits here instead of 70,000, and the rotation samples
+   bilinearly where that file uses PIL's bicubic resampling. */
+
+#define DOMAIN_COUNT 6
+#define ROTATED_MNIST_SEED 0         /* seed of the one shuffle of all digits */
+#define DG_VALIDATION_FRACTION 0.2   /* share of each training domain held out for validation */
+
+static const int domain_angles[DOMAIN_COUNT] = {0, 15, 30, 45, 60, 75};
+
+/* Returns pixel (row, col) of a side x side image, or 0 outside the image. */
+static double pixel_or_zero(const unsigned char *image, int side, int row, int col)
+{
+    if (row < 0 || row >= side || col < 0 || col >= side)
+        return 0;
+    return image[(size_t)row * side + col];
+}
+
+/* Samples a side x side image at the real position (row, col) by bilinear
+   interpolation of its four neighboring pixels, which read 0 outside it. */
+static double sample_bilinear(const unsigned char *image, int side, double row, double col)
+{
+    const int r0 = (int)floor(row), c0 = (int)floor(col);
+    const double fr = row - r0, fc = col - c0;
+    return (1 - fr) * (1 - fc) * pixel_or_zero(image, side, r0, c0) +
+           (1 - fr) * fc * pixel_or_zero(image, side, r0, c0 + 1) +
+           fr * (1 - fc) * pixel_or_zero(image, side, r0 + 1, c0) +
+           fr * fc * pixel_or_zero(image, side, r0 + 1, c0 + 1);
+}
+
+/* Rotates a side x side image counterclockwise (as displayed, row 0 at the
+   top) by `degrees` about its center ((side - 1) / 2, (side - 1) / 2).
+   Each output pixel samples the input bilinearly at the position that the
+   rotation moves onto it, and rounds to the nearest byte. */
+static void rotate_image(unsigned char *out, const unsigned char *in, int side, double degrees)
+{
+    const double radians = degrees * (acos(-1.0) / 180.0);
+    const double cosine = cos(radians), sine = sin(radians), center = (side - 1) / 2.0;
+    int row, col;
+
+    for (row = 0; row < side; row++)
+        for (col = 0; col < side; col++) {
+            /* x points right and y up from the center. Rotating (x, y) by
+               -degrees gives the input position that lands here. */
+            const double x = col - center, y = center - row;
+            const double source_x = cosine * x + sine * y, source_y = -sine * x + cosine * y;
+            const double value = sample_bilinear(in, side, center - source_y, center + source_x);
+            out[(size_t)row * side + col] = (unsigned char)(value >= 255 ? 255 : floor(value + 0.5));
+        }
+}
+
+/* All MNIST digits as six rotated domains. */
+typedef struct {
+    dataset images;  /* (count) every digit once, in shuffled order, rotated by its domain's angle */
+    int *source;     /* (count) index of each image in the train digits followed by the test digits */
+    int *domain;     /* (count) domain of each image, 0 to DOMAIN_COUNT - 1 */
+} rotated_mnist;
+
+static void free_rotated_mnist(rotated_mnist *r)
+{
+    free_dataset(&r->images);
+    free(r->source);
+    free(r->domain);
+    r->source = r->domain = NULL;
+}
+
+/* Builds Rotated MNIST from the MNIST train and test files (same image
+   size). Returns 0 after printing a message on allocation failure. */
+static int build_rotated_mnist(const dataset *train, const dataset *test, rotated_mnist *r)
+{
+    const int count = train->count + test->count, side = train->rows;
+    const size_t image = (size_t)side * side;
+    stochca_rng rng;
+    int j;
+
+    memset(r, 0, sizeof *r);
+    r->source = identity_indices(count);
+    r->domain = (int *)malloc((size_t)count * sizeof(int));
+    r->images.pixels = (unsigned char *)malloc((size_t)count * image);
+    r->images.labels = (unsigned char *)malloc((size_t)count);
+    if (!r->source || !r->domain || !r->images.pixels || !r->images.labels) {
+        fprintf(stderr, "train: out of memory for Rotated MNIST (%d images)\n", count);
+        free_rotated_mnist(r);
+        return 0;
+    }
+    r->images.count = count;
+    r->images.rows = r->images.cols = side;
+
+    stochca_rng_seed(&rng, ROTATED_MNIST_SEED);
+    shuffle_indices(r->source, count, &rng);
+    for (j = 0; j < count; j++) {
+        const int k = r->source[j];
+        const dataset *from = k < train->count ? train : test;
+        const int index = k < train->count ? k : k - train->count;
+        r->domain[j] = j % DOMAIN_COUNT;
+        rotate_image(r->images.pixels + (size_t)j * image, from->pixels + (size_t)index * image, side,
+                     domain_angles[r->domain[j]]);
+        r->images.labels[j] = from->labels[index];
+    }
+    return 1;
+}
+
+/* Splits Rotated MNIST for one leave-one-domain-out run, as image indices.
+   test gets every image of test_domain. From every other domain e, a
+   stratified DG_VALIDATION_FRACTION goes to val and the rest to train,
+   chosen by a shuffle seeded with (seed, e), so each seed holds out its
+   own validation images. Each list needs room for r->images.count indices.
+   Returns 0 on allocation failure. */
+static int split_domains(const rotated_mnist *r, int test_domain, long seed, int *train, int *train_count,
+                         int *val, int *val_count, int *test, int *test_count)
+{
+    int *members = (int *)malloc((size_t)r->images.count * sizeof(int));
+    int e, j;
+
+    if (!members)
+        return 0;
+    *train_count = *val_count = *test_count = 0;
+    for (e = 0; e < DOMAIN_COUNT; e++) {
+        int n = 0, picked = 0, rest = 0;
+        const uint64_t split_seed = (uint64_t)seed * DOMAIN_COUNT + (uint64_t)e;
+        for (j = 0; j < r->images.count; j++)
+            if (r->domain[j] == e)
+                members[n++] = j;
+        if (e == test_domain) {
+            memcpy(test, members, (size_t)n * sizeof(int));
+            *test_count = n;
+            continue;
+        }
+        if (!split_by_class(&r->images, members, n, DG_VALIDATION_FRACTION, split_seed, val + *val_count, &picked,
+                            train + *train_count, &rest)) {
+            free(members);
+            return 0;
+        }
+        *val_count += picked;
+        *train_count += rest;
+    }
+    free(members);
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------
    Command-line options */
 
 typedef enum { METHOD_FT, METHOD_STOCHCA, METHOD_L2SP, METHOD_STOCHCA_L2SP } method_kind;
@@ -285,6 +491,10 @@ typedef struct {
     long save_every;        /* save the training state to out every N steps (0: never) */
     long stop_after;        /* stop after this step, as if interrupted (0: never) */
     long kv_cache_mb;       /* memory budget of the pretrained K/V cache (0: no cache) */
+    int p_given;            /* --p was on the command line */
+    int seeds;              /* sweeps: seeds 0 to seeds - 1 of every cell */
+    const char *out_dir;    /* sweeps: folder of the TSV and SVG files */
+    long eval_every;        /* dg-sweep: validation every eval_every steps */
 } options;
 
 static options default_options(int pretraining)
@@ -317,8 +527,14 @@ static options default_options(int pretraining)
     o.data_dir = "data";
     o.checkpoint = "data/pretrained.bin";
     o.out = pretraining ? "pretrained.bin" : NULL;
+    o.seeds = 3;
+    o.out_dir = "out";
+    o.eval_every = 50;
     return o;
 }
+
+/* Steps of every sweep run, whatever the size of its training set. */
+#define SWEEP_DEFAULT_STEPS 400
 
 static void print_usage(FILE *f)
 {
@@ -329,6 +545,11 @@ static void print_usage(FILE *f)
         "       ./train pretrain [flags]   train a ViT from scratch on Fashion-MNIST\n"
         "       ./train bench [flags]      time inference and training steps on random images\n"
         "                                  (default: patch 4, D 64, L 6, H 4, M 256, batch 64, p 0.5)\n"
+        "       ./train tl-sweep [flags]   transfer learning on MNIST: ft, stochca, l2sp,\n"
+        "                                  stochca+l2sp and scratch at ratios 0.15, 0.30, 0.50\n"
+        "                                  and 1, and StochCA with p 0.1 to 0.9 at ratio 0.15\n"
+        "       ./train dg-sweep [flags]   domain generalization on Rotated MNIST: ft and\n"
+        "                                  stochca, each rotation left out in turn\n"
         "       ./train --help\n"
         "\n"
         "fine-tuning flags:\n"
@@ -357,7 +578,19 @@ static void print_usage(FILE *f)
         "                   exactly as in the interrupted run\n"
         "  --stop-after N   stop after step N as if interrupted (to test --resume)\n"
         "  --kv-cache-mb N  memory budget in MiB for caching the pretrained keys and values\n"
-        "                   of every training image; 0 recomputes them every step (default 1024)\n");
+        "                   of every training image; 0 recomputes them every step (default 1024)\n"
+        "sweep flags (tl-sweep and dg-sweep also take --steps, --batch, --lr, --wd, --warmup,\n"
+        "--l2sp-alpha, --head-lr-scale, --checkpoint, --data, --threads and --kv-cache-mb):\n"
+        "  --seeds N        run seeds 0 to N-1 of every setting (default 3)\n"
+        "  --steps N        optimizer steps of every run, whatever its ratio (default 400)\n"
+        "  --out-dir DIR    folder for the TSV and SVG files, created if missing (default out)\n"
+        "  --p P            p of the StochCA runs; tl-sweep defaults to the p of the p sweep\n"
+        "                   with the best mean validation accuracy, dg-sweep to 0.1\n"
+        "  --eval-every K   dg-sweep: validation accuracy every K steps; the run reports the\n"
+        "                   test accuracy at the best one (default 50)\n"
+        "tl-sweep validates on a fixed 10%% of every class of the MNIST training split and\n"
+        "draws its training subsets from the other 90%%. dg-sweep holds out 20%% of every\n"
+        "training domain for validation and tests on the whole held-out domain.\n");
 }
 
 static int parse_double(const char *flag, const char *text, double low, double high, int low_open, double *out)
@@ -420,7 +653,7 @@ static int parse_flag(options *o, const char *flag, const char *value)
         return 0;
     }
     if (!strcmp(flag, "--method")) return parse_method(value, &o->method);
-    if (!strcmp(flag, "--p")) return parse_double(flag, value, 0, 1, 0, &o->p);
+    if (!strcmp(flag, "--p")) { o->p_given = 1; return parse_double(flag, value, 0, 1, 0, &o->p); }
     if (!strcmp(flag, "--ratio")) return parse_double(flag, value, 0, 1, 1, &o->ratio);
     if (!strcmp(flag, "--lr")) return parse_double(flag, value, 0, 1, 1, &o->lr);
     if (!strcmp(flag, "--wd")) return parse_double(flag, value, 0, 10, 0, &o->wd);
@@ -444,16 +677,56 @@ static int parse_flag(options *o, const char *flag, const char *value)
     if (!strcmp(flag, "--save-every")) return parse_long(flag, value, 1, 100000000L, &o->save_every);
     if (!strcmp(flag, "--stop-after")) return parse_long(flag, value, 1, 100000000L, &o->stop_after);
     if (!strcmp(flag, "--kv-cache-mb")) return parse_long(flag, value, 0, 1048576L, &o->kv_cache_mb);
+    if (!strcmp(flag, "--seeds")) return parse_int(flag, value, 1, 1000, &o->seeds);
+    if (!strcmp(flag, "--out-dir")) { o->out_dir = value; return 1; }
+    if (!strcmp(flag, "--eval-every")) return parse_long(flag, value, 1, 100000000L, &o->eval_every);
     fprintf(stderr, "train: unknown flag '%s'\n\n", flag);
     print_usage(stderr);
     return 0;
 }
 
-static int parse_options(options *o, int argc, char **argv)
+/* Flags that only the sweeps read, and the flags that each sweep accepts.
+   A sweep sets the method, p, ratio and seed of every run itself. */
+static const char *const sweep_only_flags[] = {"--seeds", "--out-dir", "--eval-every", NULL};
+static const char *const tl_sweep_flags[] = {"--seeds", "--steps", "--out-dir", "--p", "--batch", "--lr", "--wd",
+                                             "--warmup", "--l2sp-alpha", "--head-lr-scale", "--checkpoint",
+                                             "--data", "--threads", "--kv-cache-mb", NULL};
+static const char *const dg_sweep_flags[] = {"--seeds", "--steps", "--out-dir", "--p", "--eval-every", "--batch",
+                                             "--lr", "--wd", "--warmup", "--l2sp-alpha", "--head-lr-scale",
+                                             "--checkpoint", "--data", "--threads", "--kv-cache-mb", NULL};
+
+static int is_listed(const char *const *list, const char *flag)
+{
+    for (; *list; list++)
+        if (!strcmp(*list, flag))
+            return 1;
+    return 0;
+}
+
+/* Returns 0 after printing a message if `command` does not take `flag`. */
+static int check_flag(const char *command, const char *flag)
+{
+    const char *const *accepted = !strcmp(command, "tl-sweep") ? tl_sweep_flags
+                                : !strcmp(command, "dg-sweep") ? dg_sweep_flags : NULL;
+    if (accepted && !is_listed(accepted, flag)) {
+        fprintf(stderr, "train: invalid flag '%s' for %s, expected one of:", flag, command);
+        for (; *accepted; accepted++)
+            fprintf(stderr, " %s", *accepted);
+        fprintf(stderr, "\n");
+        return 0;
+    }
+    if (!accepted && is_listed(sweep_only_flags, flag)) {
+        fprintf(stderr, "train: %s is a flag of tl-sweep and dg-sweep only\n", flag);
+        return 0;
+    }
+    return 1;
+}
+
+static int parse_options(options *o, const char *command, int argc, char **argv)
 {
     int i;
     for (i = 0; i < argc; i += 2)
-        if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
+        if (!check_flag(command, argv[i]) || !parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
             return 0;
     if (o->save_every > 0 && !o->out) {
         fprintf(stderr, "train: --save-every needs --out, the file to save the training state to\n");
@@ -521,6 +794,63 @@ static double evaluate(stochca_model *m, const dataset *d, batch_buffers *buf)
             correct += argmax(m->acts.logits + (size_t)b * m->config.classes, m->config.classes) == buf->labels[b];
     }
     return 100.0 * correct / d->count;
+}
+
+/* Training-domain validation, the model selection of DomainBed: the model
+   is evaluated on a validation set every `every` steps and after the last
+   step, and the parameters with the best validation accuracy are kept
+   (the earliest of equal ones). */
+typedef struct {
+    const dataset *val;
+    long every;
+    batch_buffers buf;           /* val->count indices, batches of up to `batch` images */
+    int batch;
+    stochca_real *best_params;   /* (Q) parameters after best_step */
+    size_t num_params;
+    double best_accuracy;        /* validation accuracy in percent, -1 before the first evaluation */
+    long best_step;
+} validation_tracker;
+
+static void free_tracker(validation_tracker *t)
+{
+    free_buffers(&t->buf);
+    free(t->best_params);
+    memset(t, 0, sizeof *t);
+}
+
+/* Prepares a tracker for a model of num_params parameters trained with
+   batches of up to `batch` images. Returns 0 after printing a message. */
+static int init_tracker(validation_tracker *t, const dataset *val, long every, int batch, size_t num_params)
+{
+    memset(t, 0, sizeof *t);
+    t->val = val;
+    t->every = every;
+    t->batch = batch;
+    t->num_params = num_params;
+    t->best_accuracy = -1;
+    t->best_params = (stochca_real *)malloc(num_params * sizeof(stochca_real));
+    if (!t->best_params) {
+        fprintf(stderr, "train: out of memory for a copy of %zu parameters\n", num_params);
+        return 0;
+    }
+    if (!alloc_buffers(&t->buf, val->count, batch, val->rows)) {
+        free_tracker(t);
+        return 0;
+    }
+    return 1;
+}
+
+/* Evaluates m on the validation set after `step` steps and keeps its
+   parameters if they beat every earlier evaluation. m's batch capacity
+   must not exceed the tracker's batch. */
+static void track_validation(validation_tracker *t, stochca_model *m, long step)
+{
+    const double accuracy = evaluate(m, t->val, &t->buf);
+    if (accuracy > t->best_accuracy) {
+        t->best_accuracy = accuracy;
+        t->best_step = step;
+        memcpy(t->best_params, m->param_memory, t->num_params * sizeof(stochca_real));
+    }
 }
 
 static void print_progress(const char *label, long step, long total, double loss, double accuracy,
@@ -638,10 +968,12 @@ static int resume_state(stochca_model *m, stochca_rng *rng, const char *path)
 enum { TRAIN_FAILED = 0, TRAIN_DONE = 1, TRAIN_STOPPED = 2 };
 
 /* Trains m on d with the settings in o. pretrained is needed for StochCA and
-   L2-SP and may be NULL otherwise. Returns TRAIN_DONE, TRAIN_STOPPED
-   (--stop-after) or TRAIN_FAILED after printing a message. */
+   L2-SP and may be NULL otherwise. tracker, when not NULL, evaluates the
+   model on its validation set every tracker->every steps and after the
+   last step. Returns TRAIN_DONE, TRAIN_STOPPED (--stop-after) or
+   TRAIN_FAILED after printing a message. */
 static int train_model(stochca_model *m, stochca_model *pretrained, const dataset *d, const options *o,
-                       const char *label)
+                       const char *label, validation_tracker *tracker)
 {
     const int B = o->batch < d->count ? o->batch : d->count;
     const long steps_per_epoch = d->count / B;
@@ -706,6 +1038,8 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
             window_loss = 0;
             window_steps = window_images = window_correct = 0;
         }
+        if (tracker && ((step + 1) % tracker->every == 0 || step + 1 == total))
+            track_validation(tracker, m, step + 1);
 
         if (o->save_every > 0 && ((step + 1) % o->save_every == 0 || step + 1 == total) &&
             !save_state(m, &rng, o->out)) {
@@ -799,7 +1133,7 @@ static int cmd_pretrain(const options *o)
         stochca_rng_seed(&rng, (uint64_t)o->seed);
         stochca_model_init_random(&m, &rng);
         fprintf(stderr, "pretraining on %d Fashion-MNIST images, %zu parameters\n", train.count, m.num_params);
-        ok = train_model(&m, NULL, &train, o, "pretrain");
+        ok = train_model(&m, NULL, &train, o, "pretrain", NULL);
         if (ok == TRAIN_DONE && (accuracy = test_accuracy(&m, &test)) >= 0) {
             printf("Fashion-MNIST test accuracy: %.2f%% (%d images, %.0f s)\n", accuracy, test.count,
                    now_seconds() - start);
@@ -872,7 +1206,7 @@ static int run_finetune(const options *o, run_result *result)
     }
     fprintf(stderr, "fine-tuning with %s on %d MNIST images (ratio %g, seed %ld)\n", name, train.count, o->ratio,
             o->seed);
-    status = train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name);
+    status = train_model(&target, o->method == METHOD_FT ? NULL : &pre, &train, o, name, NULL);
     if (status != TRAIN_DONE)
         goto done;
     result->accuracy = test_accuracy(&target, &test);
@@ -1124,12 +1458,1221 @@ static int cmd_bench(const options *o)
     return 1;
 }
 
+/* ---------------------------------------------------------------------------
+   Sweep runs and their summaries */
+
+#define NO_DOMAIN (-1)      /* run_record.domain of transfer-learning runs */
+#define DOMAIN_AVERAGE (-2) /* run_record.domain of a per-seed average over held-out domains */
+
+/* Outcome of one sweep run. */
+typedef struct {
+    const char *method;   /* ft, stochca, l2sp, stochca+l2sp or scratch */
+    double p;             /* StochCA cross-attention probability, 0 for methods without StochCA */
+    double ratio;         /* fraction of the training pool (transfer learning), 0 otherwise */
+    int domain;           /* held-out rotation angle in degrees, NO_DOMAIN or DOMAIN_AVERAGE */
+    long seed;
+    long steps;
+    long best_step;       /* step of the evaluated parameters: the last step, or the best validation */
+    int train_images;
+    double val_acc;       /* percent */
+    double test_acc;      /* percent */
+    double seconds;
+} run_record;
+
+/* Runs in the order they finished. */
+typedef struct {
+    run_record *runs;
+    int count, capacity;
+} run_table;
+
+static int init_table(run_table *t, int capacity)
+{
+    t->count = 0;
+    t->capacity = capacity;
+    t->runs = (run_record *)calloc((size_t)(capacity > 0 ? capacity : 1), sizeof(run_record));
+    if (!t->runs)
+        fprintf(stderr, "train: out of memory for a table of %d runs\n", capacity);
+    return t->runs != NULL;
+}
+
+static void free_table(run_table *t)
+{
+    free(t->runs);
+    memset(t, 0, sizeof *t);
+}
+
+/* Returns the run of table t with these settings, or NULL. */
+static const run_record *find_run(const run_table *t, const char *method, double p, double ratio, int domain,
+                                  long seed)
+{
+    int i;
+    for (i = 0; i < t->count; i++) {
+        const run_record *r = &t->runs[i];
+        if (!strcmp(r->method, method) && r->p == p && r->ratio == ratio && r->domain == domain && r->seed == seed)
+            return r;
+    }
+    return NULL;
+}
+
+/* Mean and sample standard deviation (divisor n - 1) of x[0..n-1]. The
+   standard deviation is NaN when n < 2, and both are NaN when n == 0. */
+static void mean_std(const double *x, int n, double *mean, double *std)
+{
+    double sum = 0, squares = 0;
+    int i;
+    for (i = 0; i < n; i++)
+        sum += x[i];
+    *mean = n > 0 ? sum / n : NAN;
+    for (i = 0; i < n; i++)
+        squares += (x[i] - *mean) * (x[i] - *mean);
+    *std = n > 1 ? sqrt(squares / (n - 1)) : NAN;
+}
+
+/* Mean and sample standard deviation over the seeds of one cell: the runs
+   that share method, p, ratio and domain. */
+typedef struct {
+    const char *method;
+    double p, ratio;
+    int domain;
+    int n;                /* number of runs (seeds) */
+    double val_mean, val_std, test_mean, test_std;
+} summary_cell;
+
+static int same_cell(const run_record *r, const summary_cell *c)
+{
+    return !strcmp(r->method, c->method) && r->p == c->p && r->ratio == c->ratio && r->domain == c->domain;
+}
+
+/* Summarizes the runs of t by cell, in the order in which each cell first
+   occurs. cells needs room for t->count entries. Returns the number of
+   cells, or -1 after printing a message if out of memory. */
+static int summarize_runs(const run_table *t, summary_cell *cells)
+{
+    double *val = (double *)malloc((size_t)(t->count > 0 ? t->count : 1) * sizeof(double));
+    double *test = (double *)malloc((size_t)(t->count > 0 ? t->count : 1) * sizeof(double));
+    int count = 0, i, k;
+
+    if (!val || !test) {
+        fprintf(stderr, "train: out of memory for the summary of %d runs\n", t->count);
+        free(val);
+        free(test);
+        return -1;
+    }
+    for (i = 0; i < t->count; i++) {
+        const run_record *r = &t->runs[i];
+        summary_cell *c = &cells[count];
+        for (k = 0; k < count; k++)
+            if (same_cell(r, &cells[k]))
+                break;
+        if (k < count)
+            continue;
+        memset(c, 0, sizeof *c);
+        c->method = r->method;
+        c->p = r->p;
+        c->ratio = r->ratio;
+        c->domain = r->domain;
+        for (k = i; k < t->count; k++)
+            if (same_cell(&t->runs[k], c)) {
+                val[c->n] = t->runs[k].val_acc;
+                test[c->n] = t->runs[k].test_acc;
+                c->n++;
+            }
+        mean_std(val, c->n, &c->val_mean, &c->val_std);
+        mean_std(test, c->n, &c->test_mean, &c->test_std);
+        count++;
+    }
+    free(val);
+    free(test);
+    return count;
+}
+
+/* Allocates *cells and summarizes t into it. Returns the number of cells,
+   or -1 after printing a message if out of memory. */
+static int summarize_table(const run_table *t, summary_cell **cells)
+{
+    *cells = (summary_cell *)malloc((size_t)(t->count > 0 ? t->count : 1) * sizeof **cells);
+    if (!*cells) {
+        fprintf(stderr, "train: out of memory for the summary of %d runs\n", t->count);
+        return -1;
+    }
+    return summarize_runs(t, *cells);
+}
+
+/* Returns the cell with these settings, or NULL. */
+static const summary_cell *find_cell(const summary_cell *cells, int count, const char *method, double p,
+                                     double ratio, int domain)
+{
+    int i;
+    for (i = 0; i < count; i++)
+        if (!strcmp(cells[i].method, method) && cells[i].p == p && cells[i].ratio == ratio &&
+            cells[i].domain == domain)
+            return &cells[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------
+   Output files */
+
+/* Creates the folder `path` and its missing parents, as mkdir -p does.
+   Returns 0 after printing a message on failure. */
+static int make_folder(const char *path)
+{
+    char partial[1024];
+    const size_t length = strlen(path);
+    struct stat info;
+    size_t i;
+
+    if (length == 0 || length >= sizeof partial) {
+        fprintf(stderr, "train: invalid --out-dir '%s', expected 1 to %zu characters\n", path, sizeof partial - 1);
+        return 0;
+    }
+    for (i = 1; i <= length; i++) {
+        if (path[i] != '/' && path[i] != '\0')
+            continue;
+        memcpy(partial, path, i);
+        partial[i] = '\0';
+        if (mkdir(partial, 0777) != 0 && errno != EEXIST) {
+            fprintf(stderr, "train: cannot create folder '%s': %s\n", partial, strerror(errno));
+            return 0;
+        }
+    }
+    if (stat(path, &info) != 0 || !S_ISDIR(info.st_mode)) {
+        fprintf(stderr, "train: --out-dir '%s' exists but is not a folder\n", path);
+        return 0;
+    }
+    return 1;
+}
+
+/* Opens folder/name for writing and stores the full name in path.
+   Returns NULL after printing a message. */
+static FILE *open_output(const char *folder, const char *name, char *path, size_t path_size)
+{
+    FILE *f;
+    snprintf(path, path_size, "%s/%s", folder, name);
+    f = fopen(path, "w");
+    if (!f)
+        fprintf(stderr, "train: cannot create '%s': %s\n", path, strerror(errno));
+    return f;
+}
+
+/* Closes f. Returns 0 after printing a message if any write to it failed. */
+static int close_output(FILE *f, const char *path)
+{
+    const int failed = ferror(f);
+    if (fclose(f) != 0 || failed) {
+        fprintf(stderr, "train: writing '%s' failed; check that its disk has free space\n", path);
+        return 0;
+    }
+    return 1;
+}
+
+/* Writes x with two decimals, or "nan" (a standard deviation of one run). */
+static void write_percent(FILE *f, double x)
+{
+    if (isnan(x))
+        fprintf(f, "nan");
+    else
+        fprintf(f, "%.2f", x);
+}
+
+static void write_domain(FILE *f, int domain)
+{
+    if (domain == DOMAIN_AVERAGE)
+        fprintf(f, "avg");
+    else
+        fprintf(f, "%d", domain);
+}
+
+/* Column names of a runs file: transfer learning has a ratio, domain
+   generalization a held-out domain and the selected step. */
+static void write_runs_header(FILE *f, int domains)
+{
+    fprintf(f, domains ? "method\tp\ttest_domain\tseed\tsteps\tbest_step\ttrain_images\tval_acc\ttest_acc\tseconds\n"
+                       : "method\tp\tratio\tseed\tsteps\ttrain_images\tval_acc\ttest_acc\tseconds\n");
+}
+
+/* Appends one run to a runs file and flushes it, so an interrupted sweep
+   keeps every finished run. */
+static void write_run_row(FILE *f, const run_record *r, int domains)
+{
+    fprintf(f, "%s\t%g\t", r->method, r->p);
+    if (domains)
+        fprintf(f, "%d\t%ld\t%ld\t%ld\t", r->domain, r->seed, r->steps, r->best_step);
+    else
+        fprintf(f, "%.2f\t%ld\t%ld\t", r->ratio, r->seed, r->steps);
+    fprintf(f, "%d\t%.2f\t%.2f\t%.1f\n", r->train_images, r->val_acc, r->test_acc, r->seconds);
+    fflush(f);
+}
+
+/* Writes folder/name: one row per cell with the mean and sample standard
+   deviation over seeds. Returns 0 after printing a message. */
+static int write_summary(const char *folder, const char *name, const summary_cell *cells, int count, int domains)
+{
+    char path[1100];
+    FILE *f = open_output(folder, name, path, sizeof path);
+    int i;
+
+    if (!f)
+        return 0;
+    fprintf(f, "method\tp\t%s\tseeds\tval_mean\tval_std\ttest_mean\ttest_std\n", domains ? "test_domain" : "ratio");
+    for (i = 0; i < count; i++) {
+        const summary_cell *c = &cells[i];
+        fprintf(f, "%s\t%g\t", c->method, c->p);
+        if (domains)
+            write_domain(f, c->domain);
+        else
+            fprintf(f, "%.2f", c->ratio);
+        fprintf(f, "\t%d\t", c->n);
+        write_percent(f, c->val_mean);
+        fprintf(f, "\t");
+        write_percent(f, c->val_std);
+        fprintf(f, "\t");
+        write_percent(f, c->test_mean);
+        fprintf(f, "\t");
+        write_percent(f, c->test_std);
+        fprintf(f, "\n");
+    }
+    return close_output(f, path);
+}
+
+/* ---------------------------------------------------------------------------
+   SVG figures, written element by element with fprintf */
+
+#define FIGURE_WIDTH 760
+#define FIGURE_HEIGHT 460
+#define FIGURE_LEFT 70     /* room for the y tick labels and title */
+#define FIGURE_TOP 40      /* room for the title */
+#define FIGURE_RIGHT 200   /* room for the legend */
+#define FIGURE_BOTTOM 60   /* room for the x tick labels and title */
+
+static const char *const series_colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#7f7f7f", "#ff7f0e"};
+
+/* A figure with one plot area, which maps data coordinates (x to the
+   right, y up) to SVG user units (y down). */
+typedef struct {
+    FILE *f;
+    double x_min, x_max, y_min, y_max;  /* data range of the plot area */
+    double left, top, width, height;    /* plot area in user units */
+    int legend_rows;
+} svg_figure;
+
+static double figure_x(const svg_figure *g, double x)
+{
+    return g->left + (x - g->x_min) / (g->x_max - g->x_min) * g->width;
+}
+
+static double figure_y(const svg_figure *g, double y)
+{
+    return g->top + (g->y_max - y) / (g->y_max - g->y_min) * g->height;
+}
+
+/* Picks a y range of whole ticks around [low, high], clipped to [0, 100],
+   and the tick step: 2, 5 or 10 percentage points. */
+static void accuracy_range(double low, double high, double *y_min, double *y_max, double *step)
+{
+    const double span = high - low;
+    if (span <= 8)
+        *step = 2;
+    else if (span <= 25)
+        *step = 5;
+    else
+        *step = 10;
+    *y_min = floor(low / *step) * *step;
+    *y_max = ceil(high / *step) * *step;
+    if (*y_min < 0)
+        *y_min = 0;
+    if (*y_max > 100)
+        *y_max = 100;
+    if (*y_max <= *y_min)
+        *y_max = *y_min + *step;
+}
+
+/* Writes the SVG header, a white background and the title. */
+static void figure_begin(svg_figure *g, FILE *f, const char *title, double x_min, double x_max, double y_min,
+                         double y_max)
+{
+    g->f = f;
+    g->x_min = x_min;
+    g->x_max = x_max;
+    g->y_min = y_min;
+    g->y_max = y_max;
+    g->left = FIGURE_LEFT;
+    g->top = FIGURE_TOP;
+    g->width = FIGURE_WIDTH - FIGURE_LEFT - FIGURE_RIGHT;
+    g->height = FIGURE_HEIGHT - FIGURE_TOP - FIGURE_BOTTOM;
+    g->legend_rows = 0;
+    fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+               "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\" "
+               "font-family=\"sans-serif\" font-size=\"12\">\n",
+            FIGURE_WIDTH, FIGURE_HEIGHT, FIGURE_WIDTH, FIGURE_HEIGHT);
+    fprintf(f, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", FIGURE_WIDTH, FIGURE_HEIGHT);
+    fprintf(f, "<text x=\"%d\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">%s</text>\n", FIGURE_WIDTH / 2, title);
+}
+
+/* Draws the frame, a grid line and label every y_step, the labels of the
+   x ticks and both axis titles. */
+static void figure_axes(const svg_figure *g, int x_count, const double *x_ticks, const char *const *x_labels,
+                        double y_step, const char *x_title, const char *y_title)
+{
+    const double bottom = g->top + g->height;
+    double y;
+    int i;
+
+    for (y = g->y_min; y <= g->y_max + 1e-9; y += y_step) {
+        fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#dddddd\"/>\n", g->left,
+                figure_y(g, y), g->left + g->width, figure_y(g, y));
+        fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", g->left - 6, figure_y(g, y) + 4,
+                y);
+    }
+    for (i = 0; i < x_count; i++)
+        fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", figure_x(g, x_ticks[i]),
+                bottom + 18, x_labels[i]);
+    fprintf(g->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n",
+            g->left, g->top, g->width, g->height);
+    fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", g->left + g->width / 2,
+            bottom + 42, x_title);
+    fprintf(g->f, "<text transform=\"translate(18 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
+            g->top + g->height / 2, y_title);
+}
+
+/* Draws a vertical error bar from mean - std to mean + std with caps.
+   Draws nothing when std is NaN (a single seed) or 0. */
+static void figure_error_bar(const svg_figure *g, double x, double mean, double std, const char *color)
+{
+    const double px = figure_x(g, x), low = figure_y(g, mean - std), high = figure_y(g, mean + std);
+    if (!(std > 0))
+        return;
+    fprintf(g->f, "<path d=\"M%.1f %.1fV%.1fM%.1f %.1fH%.1fM%.1f %.1fH%.1f\" stroke=\"%s\" fill=\"none\"/>\n", px,
+            low, high, px - 4, low, px + 4, px - 4, high, px + 4, color);
+}
+
+/* Draws a line through the points (x[i], mean[i]) with a marker and an
+   error bar of +- std[i] at each. Points with a NaN mean are left out. */
+static void figure_series(const svg_figure *g, const char *color, int dashed, int n, const double *x,
+                          const double *mean, const double *std)
+{
+    int i, first = 1;
+    fprintf(g->f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"", color,
+            dashed ? " stroke-dasharray=\"6 4\"" : "");
+    for (i = 0; i < n; i++)
+        if (!isnan(mean[i])) {
+            fprintf(g->f, "%s%.1f,%.1f", first ? "" : " ", figure_x(g, x[i]), figure_y(g, mean[i]));
+            first = 0;
+        }
+    fprintf(g->f, "\"/>\n");
+    for (i = 0; i < n; i++)
+        if (!isnan(mean[i])) {
+            figure_error_bar(g, x[i], mean[i], std[i], color);
+            fprintf(g->f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"%s\"/>\n", figure_x(g, x[i]),
+                    figure_y(g, mean[i]), color);
+        }
+}
+
+/* Draws a bar from the bottom of the plot area to mean, centered on x,
+   with an error bar. */
+static void figure_bar(const svg_figure *g, double x, double bar_width, double mean, double std, const char *color)
+{
+    const double left = figure_x(g, x - bar_width / 2), right = figure_x(g, x + bar_width / 2);
+    const double top = figure_y(g, mean), bottom = figure_y(g, g->y_min);
+    if (isnan(mean))
+        return;
+    fprintf(g->f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\" fill-opacity=\"0.8\"/>\n",
+            left, top, right - left, bottom - top, color);
+    figure_error_bar(g, x, mean, std, "black");
+}
+
+/* Draws a horizontal or vertical reference line across the plot area. */
+static void figure_reference_line(const svg_figure *g, int vertical, double at, const char *color)
+{
+    if (vertical)
+        fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-dasharray=\"2 3\"/>\n",
+                figure_x(g, at), g->top, figure_x(g, at), g->top + g->height, color);
+    else
+        fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-dasharray=\"6 4\"/>\n",
+                g->left, figure_y(g, at), g->left + g->width, figure_y(g, at), color);
+}
+
+/* Adds a row to the legend to the right of the plot area. */
+static void figure_legend(svg_figure *g, const char *color, const char *label, int dashed)
+{
+    const double x = g->left + g->width + 16, y = g->top + 10 + 20 * g->legend_rows++;
+    fprintf(g->f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"%s/>\n", x, y,
+            x + 24, y, color, dashed ? " stroke-dasharray=\"6 4\"" : "");
+    fprintf(g->f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", x + 30, y + 4, label);
+}
+
+static void figure_end(svg_figure *g)
+{
+    fprintf(g->f, "</svg>\n");
+}
+
+/* ---------------------------------------------------------------------------
+   Sweeps: shared parts */
+
+/* Data, model and files shared by the runs of one sweep. */
+typedef struct {
+    options o;                 /* the flags, with method, p, ratio and seed set per run */
+    stochca_model pre;         /* the pretrained checkpoint, frozen */
+    dataset pool, val, test;   /* tl-sweep: training pool, validation set, MNIST test split */
+    rotated_mnist rotated;     /* dg-sweep: all digits as six rotated domains */
+    FILE *runs_file, *p_runs_file;
+    char runs_path[1100], p_runs_path[1100];
+    int done, total;           /* runs started and planned, for progress labels */
+} sweep;
+
+/* Frees the data and model of a sweep and closes its runs files. Returns 0
+   after printing a message if a write to a runs file failed. */
+static int close_sweep(sweep *s)
+{
+    int ok = 1;
+    if (s->runs_file)
+        ok = close_output(s->runs_file, s->runs_path);
+    if (s->p_runs_file)
+        ok = close_output(s->p_runs_file, s->p_runs_path) && ok;
+    stochca_model_free(&s->pre);
+    free_dataset(&s->pool);
+    free_dataset(&s->val);
+    free_dataset(&s->test);
+    free_rotated_mnist(&s->rotated);
+    memset(s, 0, sizeof *s);
+    return ok;
+}
+
+/* Creates the output folder and opens folder/name as a runs file with its
+   header. Returns NULL after printing a message. */
+static FILE *open_runs_file(const options *o, const char *name, char *path, size_t path_size, int domains)
+{
+    FILE *f = open_output(o->out_dir, name, path, path_size);
+    if (f)
+        write_runs_header(f, domains);
+    return f;
+}
+
+/* Builds the model of one run: the pretrained backbone with a new head or,
+   for scratch, a random initialization of the same shape seeded with seed. */
+static int init_run_model(stochca_model *m, const stochca_model *pre, int scratch, long seed)
+{
+    stochca_config c = pre->config;
+    stochca_error err;
+    stochca_rng rng;
+    int status;
+
+    c.classes = DATA_CLASSES;
+    if (scratch) {
+        status = stochca_model_init(m, &c, &err);
+        if (status == STOCHCA_OK) {
+            stochca_rng_seed(&rng, (uint64_t)seed);
+            stochca_model_init_random(m, &rng);
+        }
+    } else {
+        status = stochca_model_init_transfer(m, pre, DATA_CLASSES, &err);
+    }
+    if (status != STOCHCA_OK)
+        fprintf(stderr, "train: %s\n", err.message);
+    return status == STOCHCA_OK;
+}
+
+/* Writes the progress label of the next run of s, such as
+   "[3/72] stochca p=0.3 ratio 0.15 seed 1". */
+static void run_label(char *label, size_t size, sweep *s, const run_record *r)
+{
+    char p[32] = "", where[48];
+    if (r->p > 0)
+        snprintf(p, sizeof p, " p=%g", r->p);
+    if (r->domain == NO_DOMAIN)
+        snprintf(where, sizeof where, "ratio %.2f", r->ratio);
+    else
+        snprintf(where, sizeof where, "held-out %d deg", r->domain);
+    snprintf(label, size, "[%d/%d] %s%s %s seed %ld", ++s->done, s->total, r->method, p, where, r->seed);
+}
+
+static void print_run_result(const run_record *r)
+{
+    fprintf(stderr, "  validation %.2f%%, test %.2f%% (%d training images, step %ld, %.0f s)\n", r->val_acc,
+            r->test_acc, r->train_images, r->best_step, r->seconds);
+}
+
+/* Widens [*low, *high] to contain mean +- std. A NaN std counts as 0. */
+static void include_range(double mean, double std, double *low, double *high)
+{
+    const double spread = isnan(std) ? 0 : std;
+    if (isnan(mean))
+        return;
+    if (mean - spread < *low)
+        *low = mean - spread;
+    if (mean + spread > *high)
+        *high = mean + spread;
+}
+
+/* Returns "s" unless n is 1, for "%d seed%s". */
+static const char *plural(int n)
+{
+    return n == 1 ? "" : "s";
+}
+
+/* Prints "mean (std)" of a cell, or dashes for a missing cell or std. */
+static void print_mean_std(double mean, double std)
+{
+    if (isnan(mean))
+        printf("  %14s", "-");
+    else if (isnan(std))
+        printf("  %6.2f (    -)", mean);
+    else
+        printf("  %6.2f (%5.2f)", mean, std);
+}
+
+/* ---------------------------------------------------------------------------
+   Transfer-learning sweep (tl-sweep)
+
+   A fixed validation set, TL_VALIDATION_FRACTION of every class of the
+   MNIST training split, is removed before any training subset is drawn.
+   The ratios are fractions of the remaining pool, so no training image of
+   any seed or ratio is a validation image. Every run trains for the same
+   number of steps whatever its ratio. The p sweep picks p by mean
+   validation accuracy. Test accuracy is only reported. */
+
+#define TL_VALIDATION_FRACTION 0.1
+#define TL_VALIDATION_SEED 1     /* seed of the validation split, the same for every run */
+#define TL_P_SWEEP_RATIO 0.15
+#define TL_RATIOS 4
+#define TL_P_VALUES 5
+#define TL_METHODS 5             /* the four fine-tuning methods, then scratch */
+#define TL_SCRATCH 4
+
+static const double tl_ratios[TL_RATIOS] = {0.15, 0.30, 0.50, 1.00};
+static const char *const tl_ratio_labels[TL_RATIOS] = {"0.15", "0.30", "0.50", "1.00"};
+static const double tl_p_values[TL_P_VALUES] = {0.1, 0.3, 0.5, 0.7, 0.9};
+static const char *const tl_p_labels[TL_P_VALUES] = {"0.1", "0.3", "0.5", "0.7", "0.9"};
+/* The first four are method_names in method_kind order. */
+static const char *const tl_method_names[TL_METHODS] = {"ft", "stochca", "l2sp", "stochca+l2sp", "scratch"};
+
+/* Splits the MNIST training split into the fixed validation set and the
+   training pool. Returns 0 after printing a message. */
+static int split_validation(const dataset *full, dataset *pool, dataset *val)
+{
+    const size_t size = (size_t)(full->count > 0 ? full->count : 1) * sizeof(int);
+    int *all = identity_indices(full->count), *picked = (int *)malloc(size), *rest = (int *)malloc(size);
+    int picked_count = 0, rest_count = 0, ok;
+
+    memset(pool, 0, sizeof *pool);
+    memset(val, 0, sizeof *val);
+    ok = all && picked && rest &&
+         split_by_class(full, all, full->count, TL_VALIDATION_FRACTION, TL_VALIDATION_SEED, picked, &picked_count,
+                        rest, &rest_count) &&
+         gather_images(full, picked, picked_count, val) && gather_images(full, rest, rest_count, pool);
+    if (!ok) {
+        fprintf(stderr, "train: out of memory for the validation split\n");
+        free_dataset(pool);
+        free_dataset(val);
+    }
+    free(all);
+    free(picked);
+    free(rest);
+    return ok;
+}
+
+/* Loads the data and the checkpoint of tl-sweep, creates the output
+   folder and opens both runs files. Returns 0 after printing a message. */
+static int open_tl_sweep(sweep *s, const options *o)
+{
+    dataset full;
+    int ok;
+
+    memset(s, 0, sizeof *s);
+    s->o = *o;
+    if (!make_folder(o->out_dir) || !load_split(&full, o->data_dir, "mnist", "train", 28))
+        return 0;
+    ok = split_validation(&full, &s->pool, &s->val);
+    free_dataset(&full);
+    if (!ok || !load_split(&s->test, o->data_dir, "mnist", "test", 28) || !load_pretrained(&s->pre, o->checkpoint, 28))
+        return 0;
+    s->runs_file = open_runs_file(o, "tl-runs.tsv", s->runs_path, sizeof s->runs_path, 0);
+    s->p_runs_file = open_runs_file(o, "tl-p-runs.tsv", s->p_runs_path, sizeof s->p_runs_path, 0);
+    if (!s->runs_file || !s->p_runs_file)
+        return 0;
+    fprintf(stderr, "MNIST: %d validation images, a training pool of %d, %d test images\n", s->val.count,
+            s->pool.count, s->test.count);
+    return 1;
+}
+
+/* Trains method `kind` (an index of tl_method_names) on `ratio` of the
+   training pool and measures validation and test accuracy after the last
+   step. */
+static int tl_run(sweep *s, int kind, double p, double ratio, long seed, run_record *r)
+{
+    const int scratch = kind == TL_SCRATCH;
+    options o = s->o;
+    dataset train;
+    stochca_model m;
+    char label[160];
+    double start = now_seconds();
+    int ok = 0;
+
+    o.method = scratch ? METHOD_FT : (method_kind)kind;
+    o.p = p;
+    o.ratio = ratio;
+    o.seed = seed;
+    memset(&m, 0, sizeof m);
+    memset(r, 0, sizeof *r);
+    r->method = tl_method_names[kind];
+    r->p = uses_stochca(o.method) ? p : 0;
+    r->ratio = ratio;
+    r->domain = NO_DOMAIN;
+    r->seed = seed;
+    r->steps = r->best_step = o.steps;
+    if (!make_subset(&s->pool, ratio, (uint64_t)seed, &train)) {
+        fprintf(stderr, "train: out of memory for the training subset\n");
+        return 0;
+    }
+    r->train_images = train.count;
+    run_label(label, sizeof label, s, r);
+    if (init_run_model(&m, &s->pre, scratch, seed) &&
+        train_model(&m, o.method == METHOD_FT ? NULL : &s->pre, &train, &o, label, NULL) == TRAIN_DONE) {
+        r->val_acc = test_accuracy(&m, &s->val);
+        r->test_acc = test_accuracy(&m, &s->test);
+        r->seconds = now_seconds() - start;
+        ok = r->val_acc >= 0 && r->test_acc >= 0;
+    }
+    stochca_model_free(&m);
+    free_dataset(&train);
+    if (ok)
+        print_run_result(r);
+    return ok;
+}
+
+/* Runs StochCA at ratio TL_P_SWEEP_RATIO for every p and seed. */
+static int run_p_sweep(sweep *s, run_table *p_runs)
+{
+    long seed;
+    int i;
+    for (i = 0; i < TL_P_VALUES; i++)
+        for (seed = 0; seed < s->o.seeds; seed++) {
+            run_record *r = &p_runs->runs[p_runs->count];
+            if (!tl_run(s, METHOD_STOCHCA, tl_p_values[i], TL_P_SWEEP_RATIO, seed, r))
+                return 0;
+            p_runs->count++;
+            write_run_row(s->p_runs_file, r, 0);
+        }
+    return 1;
+}
+
+/* Returns the p of the p sweep with the best mean validation accuracy, the
+   smallest p among equal ones. Test accuracy plays no part in the choice. */
+static double choose_p(const summary_cell *cells, int count)
+{
+    double best_p = tl_p_values[0], best = -1;
+    int i;
+    for (i = 0; i < count; i++)
+        if (cells[i].val_mean > best) {
+            best = cells[i].val_mean;
+            best_p = cells[i].p;
+        }
+    return best_p;
+}
+
+/* Runs every method and scratch at every ratio and seed, StochCA with p.
+   A StochCA run that the p sweep already made with the same p, ratio and
+   seed is copied instead of trained again, because training is
+   deterministic and would give the same numbers. */
+static int run_tl_grid(sweep *s, double p, const run_table *p_runs, run_table *runs)
+{
+    long seed;
+    int i, kind;
+    for (seed = 0; seed < s->o.seeds; seed++)
+        for (i = 0; i < TL_RATIOS; i++)
+            for (kind = 0; kind < TL_METHODS; kind++) {
+                run_record *r = &runs->runs[runs->count];
+                const run_record *earlier =
+                    kind == METHOD_STOCHCA ? find_run(p_runs, "stochca", p, tl_ratios[i], NO_DOMAIN, seed) : NULL;
+                if (earlier)
+                    *r = *earlier;
+                else if (!tl_run(s, kind, p, tl_ratios[i], seed, r))
+                    return 0;
+                runs->count++;
+                write_run_row(s->runs_file, r, 0);
+            }
+    return 1;
+}
+
+/* Returns p for the StochCA methods and 0 for the others. */
+static double method_p(int kind, double p)
+{
+    return kind == METHOD_STOCHCA || kind == METHOD_STOCHCA_L2SP ? p : 0;
+}
+
+/* Writes tl-accuracy.svg: test accuracy against the training fraction,
+   one line per method, error bars of one sample standard deviation. Each
+   method's points are shifted sideways by a little, so that error bars at
+   the same ratio do not hide each other. */
+static int write_tl_figure(const sweep *s, const summary_cell *cells, int count, double p)
+{
+    const double shift = 0.012;   /* in units of the training fraction */
+    char path[1100], title[160], legend[64];
+    double low = 100, high = 0, y_min, y_max, step, x[TL_RATIOS], mean[TL_RATIOS], std[TL_RATIOS];
+    FILE *f = open_output(s->o.out_dir, "tl-accuracy.svg", path, sizeof path);
+    svg_figure g;
+    int i, kind;
+
+    if (!f)
+        return 0;
+    for (i = 0; i < count; i++)
+        include_range(cells[i].test_mean, cells[i].test_std, &low, &high);
+    accuracy_range(low, high, &y_min, &y_max, &step);
+    snprintf(title, sizeof title, "MNIST test accuracy after %ld steps (mean &#177; sample std, %d seed%s)",
+             s->o.steps, s->o.seeds, plural(s->o.seeds));
+    figure_begin(&g, f, title, 0, 1.05, y_min, y_max);
+    figure_axes(&g, TL_RATIOS, tl_ratios, tl_ratio_labels, step, "fraction of the MNIST training pool",
+                "test accuracy (%)");
+    for (kind = 0; kind < TL_METHODS; kind++) {
+        for (i = 0; i < TL_RATIOS; i++) {
+            const summary_cell *c = find_cell(cells, count, tl_method_names[kind], method_p(kind, p), tl_ratios[i],
+                                              NO_DOMAIN);
+            x[i] = tl_ratios[i] + (kind - (TL_METHODS - 1) / 2.0) * shift;
+            mean[i] = c ? c->test_mean : NAN;
+            std[i] = c ? c->test_std : NAN;
+        }
+        figure_series(&g, series_colors[kind], kind == TL_SCRATCH, TL_RATIOS, x, mean, std);
+        if (method_p(kind, p) > 0)
+            snprintf(legend, sizeof legend, "%s (p = %g)", tl_method_names[kind], p);
+        else
+            snprintf(legend, sizeof legend, "%s", tl_method_names[kind]);
+        figure_legend(&g, series_colors[kind], legend, kind == TL_SCRATCH);
+    }
+    figure_end(&g);
+    return close_output(f, path);
+}
+
+/* Writes tl-p.svg: validation and test accuracy of StochCA against p at
+   ratio TL_P_SWEEP_RATIO, with plain fine-tuning at that ratio as a
+   dashed line and the chosen p as a dotted line. */
+static int write_p_figure(const sweep *s, const summary_cell *p_cells, int p_count, const summary_cell *ft,
+                          double chosen_p)
+{
+    char path[1100], title[160], legend[64];
+    double low = 100, high = 0, y_min, y_max, step;
+    double val[TL_P_VALUES], val_std[TL_P_VALUES], test[TL_P_VALUES], test_std[TL_P_VALUES];
+    FILE *f = open_output(s->o.out_dir, "tl-p.svg", path, sizeof path);
+    svg_figure g;
+    int i;
+
+    if (!f)
+        return 0;
+    for (i = 0; i < TL_P_VALUES; i++) {
+        const summary_cell *c = find_cell(p_cells, p_count, "stochca", tl_p_values[i], TL_P_SWEEP_RATIO, NO_DOMAIN);
+        val[i] = c ? c->val_mean : NAN;
+        val_std[i] = c ? c->val_std : NAN;
+        test[i] = c ? c->test_mean : NAN;
+        test_std[i] = c ? c->test_std : NAN;
+        include_range(val[i], val_std[i], &low, &high);
+        include_range(test[i], test_std[i], &low, &high);
+    }
+    if (ft)
+        include_range(ft->test_mean, 0, &low, &high);
+    accuracy_range(low, high, &y_min, &y_max, &step);
+    snprintf(title, sizeof title, "StochCA on %.0f%% of the MNIST pool against p (mean &#177; sample std, %d seed%s)",
+             100 * TL_P_SWEEP_RATIO, s->o.seeds, plural(s->o.seeds));
+    figure_begin(&g, f, title, 0, 1, y_min, y_max);
+    figure_axes(&g, TL_P_VALUES, tl_p_values, tl_p_labels, step, "cross-attention probability p", "accuracy (%)");
+    figure_series(&g, series_colors[0], 0, TL_P_VALUES, tl_p_values, val, val_std);
+    figure_legend(&g, series_colors[0], "validation", 0);
+    figure_series(&g, series_colors[1], 0, TL_P_VALUES, tl_p_values, test, test_std);
+    figure_legend(&g, series_colors[1], "test", 0);
+    if (ft && !isnan(ft->test_mean)) {
+        figure_reference_line(&g, 0, ft->test_mean, series_colors[4]);
+        figure_legend(&g, series_colors[4], "ft test (p = 0)", 1);
+    }
+    figure_reference_line(&g, 1, chosen_p, "black");
+    snprintf(legend, sizeof legend, "chosen p = %g", chosen_p);
+    figure_legend(&g, "black", legend, 1);
+    figure_end(&g);
+    return close_output(f, path);
+}
+
+static void print_p_table(const sweep *s, const summary_cell *p_cells, int p_count)
+{
+    int i;
+    printf("\np sweep: StochCA on %.0f%% of the MNIST training pool, accuracy in %%, mean (sample std) over %d "
+           "seed%s\n%-6s  %14s  %14s\n", 100 * TL_P_SWEEP_RATIO, s->o.seeds, plural(s->o.seeds), "p", "validation",
+           "test");
+    for (i = 0; i < p_count; i++) {
+        printf("%-6g", p_cells[i].p);
+        print_mean_std(p_cells[i].val_mean, p_cells[i].val_std);
+        print_mean_std(p_cells[i].test_mean, p_cells[i].test_std);
+        printf("\n");
+    }
+}
+
+static void print_tl_table(const sweep *s, const summary_cell *cells, int count, double p)
+{
+    char name[64];
+    int i, kind;
+    printf("\nMNIST test accuracy in %%, mean (sample std) over %d seed%s, %ld steps of batch %d\n%-20s",
+           s->o.seeds, plural(s->o.seeds), s->o.steps, s->o.batch, "method \\ ratio");
+    for (i = 0; i < TL_RATIOS; i++)
+        printf("  %14s", tl_ratio_labels[i]);
+    printf("\n");
+    for (kind = 0; kind < TL_METHODS; kind++) {
+        if (method_p(kind, p) > 0)
+            snprintf(name, sizeof name, "%s p=%g", tl_method_names[kind], p);
+        else
+            snprintf(name, sizeof name, "%s", tl_method_names[kind]);
+        printf("%-20s", name);
+        for (i = 0; i < TL_RATIOS; i++) {
+            const summary_cell *c = find_cell(cells, count, tl_method_names[kind], method_p(kind, p), tl_ratios[i],
+                                              NO_DOMAIN);
+            print_mean_std(c ? c->test_mean : NAN, c ? c->test_std : NAN);
+        }
+        printf("\n");
+    }
+}
+
+/* Writes the chosen p to tl-chosen-p.txt, for dg-sweep --p. */
+static int write_chosen_p(const sweep *s, double p)
+{
+    char path[1100];
+    FILE *f = open_output(s->o.out_dir, "tl-chosen-p.txt", path, sizeof path);
+    if (!f)
+        return 0;
+    fprintf(f, "%g\n", p);
+    return close_output(f, path);
+}
+
+/* Writes the summaries and figures of the grid and the p sweep and prints
+   the grid's table. */
+static int write_tl_results(const sweep *s, const run_table *runs, const summary_cell *p_cells, int p_count,
+                            double chosen_p, double p)
+{
+    summary_cell *cells = NULL;
+    const int count = summarize_table(runs, &cells);
+    const summary_cell *ft = count >= 0 ? find_cell(cells, count, "ft", 0, TL_P_SWEEP_RATIO, NO_DOMAIN) : NULL;
+    const int ok = count >= 0 && write_summary(s->o.out_dir, "tl-summary.tsv", cells, count, 0) &&
+                   write_summary(s->o.out_dir, "tl-p-summary.tsv", p_cells, p_count, 0) &&
+                   write_tl_figure(s, cells, count, p) && write_p_figure(s, p_cells, p_count, ft, chosen_p);
+    if (ok) {
+        print_tl_table(s, cells, count, p);
+        printf("\nwrote tl-runs.tsv, tl-summary.tsv, tl-p-runs.tsv, tl-p-summary.tsv, tl-chosen-p.txt, "
+               "tl-accuracy.svg and tl-p.svg to %s\n", s->o.out_dir);
+    }
+    free(cells);
+    return ok;
+}
+
+/* Returns 1 if p is one of the p values of the p sweep. */
+static int in_p_sweep(double p)
+{
+    int i;
+    for (i = 0; i < TL_P_VALUES; i++)
+        if (tl_p_values[i] == p)
+            return 1;
+    return 0;
+}
+
+/* The transfer-learning sweep: the p sweep, the choice of p, then every
+   method and scratch at every ratio. */
+static int cmd_tl_sweep(const options *o)
+{
+    const int seeds = o->seeds, reused = !o->p_given || in_p_sweep(o->p) ? seeds : 0;
+    sweep s;
+    run_table runs, p_runs;
+    summary_cell *p_cells = NULL;
+    double chosen_p = 0, p = 0;
+    int p_count = -1, ok;
+
+    memset(&runs, 0, sizeof runs);
+    memset(&p_runs, 0, sizeof p_runs);
+    ok = open_tl_sweep(&s, o) && init_table(&p_runs, TL_P_VALUES * seeds) &&
+         init_table(&runs, TL_METHODS * TL_RATIOS * seeds);
+    s.total = TL_P_VALUES * seeds + TL_METHODS * TL_RATIOS * seeds - reused;
+    ok = ok && run_p_sweep(&s, &p_runs);
+    if (ok) {
+        p_count = summarize_table(&p_runs, &p_cells);
+        ok = p_count > 0;
+    }
+    if (ok) {
+        chosen_p = choose_p(p_cells, p_count);
+        p = o->p_given ? o->p : chosen_p;
+        print_p_table(&s, p_cells, p_count);
+        printf("chosen p = %g (best mean validation accuracy at ratio %.2f); the grid uses p = %g%s\n", chosen_p,
+               TL_P_SWEEP_RATIO, p, o->p_given ? " from --p" : "");
+        fflush(stdout);
+        ok = write_chosen_p(&s, chosen_p) && run_tl_grid(&s, p, &p_runs, &runs) &&
+             write_tl_results(&s, &runs, p_cells, p_count, chosen_p, p);
+    }
+    free(p_cells);
+    free_table(&runs);
+    free_table(&p_runs);
+    return close_sweep(&s) && ok;
+}
+
+/* ---------------------------------------------------------------------------
+   Domain-generalization sweep (dg-sweep) on Rotated MNIST
+
+   Leave one domain out: train on five rotated domains, test on the sixth.
+   Model selection is DomainBed's training-domain validation: a stratified
+   DG_VALIDATION_FRACTION of every training domain is held out, the model
+   is evaluated on it every --eval-every steps, and the run reports the
+   test accuracy of the parameters with the best validation accuracy.
+   NOTE: DomainBed reports the test accuracy on 80% of the held-out domain
+   (its "in" split); here it is all images of the held-out domain. */
+
+#define DG_METHODS 2
+#define DG_GROUPS (DOMAIN_COUNT + 1)   /* the held-out domains, then their average */
+
+static const method_kind dg_methods[DG_METHODS] = {METHOD_FT, METHOD_STOCHCA};
+static const char *const dg_group_labels[DG_GROUPS] = {"0&#176;", "15&#176;", "30&#176;", "45&#176;", "60&#176;",
+                                                       "75&#176;", "avg"};
+
+/* Loads MNIST, builds Rotated MNIST, loads the checkpoint, creates the
+   output folder and opens the runs file. Returns 0 after printing a message. */
+static int open_dg_sweep(sweep *s, const options *o)
+{
+    dataset train, test;
+    int ok;
+
+    memset(s, 0, sizeof *s);
+    s->o = *o;
+    if (!make_folder(o->out_dir) || !load_split(&train, o->data_dir, "mnist", "train", 28))
+        return 0;
+    ok = load_split(&test, o->data_dir, "mnist", "test", 28) && build_rotated_mnist(&train, &test, &s->rotated);
+    free_dataset(&train);
+    free_dataset(&test);
+    if (!ok || !load_pretrained(&s->pre, o->checkpoint, 28))
+        return 0;
+    s->runs_file = open_runs_file(o, "dg-runs.tsv", s->runs_path, sizeof s->runs_path, 1);
+    if (!s->runs_file)
+        return 0;
+    fprintf(stderr, "Rotated MNIST: %d digits in %d domains\n", s->rotated.images.count, DOMAIN_COUNT);
+    return 1;
+}
+
+/* Gathers the train, val and test images of one leave-one-domain-out run.
+   Returns 0 after printing a message. */
+static int make_domain_datasets(const rotated_mnist *r, int test_domain, long seed, dataset *train, dataset *val,
+                                dataset *test)
+{
+    const size_t size = (size_t)r->images.count * sizeof(int);
+    int *train_index = (int *)malloc(size), *val_index = (int *)malloc(size), *test_index = (int *)malloc(size);
+    int train_count, val_count, test_count, ok;
+
+    memset(train, 0, sizeof *train);
+    memset(val, 0, sizeof *val);
+    memset(test, 0, sizeof *test);
+    ok = train_index && val_index && test_index &&
+         split_domains(r, test_domain, seed, train_index, &train_count, val_index, &val_count, test_index,
+                       &test_count) &&
+         gather_images(&r->images, train_index, train_count, train) &&
+         gather_images(&r->images, val_index, val_count, val) && gather_images(&r->images, test_index, test_count, test);
+    if (!ok) {
+        fprintf(stderr, "train: out of memory for the domain split\n");
+        free_dataset(train);
+        free_dataset(val);
+        free_dataset(test);
+    }
+    free(train_index);
+    free(val_index);
+    free(test_index);
+    return ok;
+}
+
+/* Trains method on every domain but test_domain and measures the held-out
+   domain with the parameters of the best validation accuracy. */
+static int dg_run(sweep *s, method_kind method, int test_domain, long seed, run_record *r)
+{
+    options o = s->o;
+    dataset train, val, test;
+    stochca_model m;
+    validation_tracker tracker;
+    char label[160];
+    double start = now_seconds();
+    int ok;
+
+    o.method = method;
+    o.seed = seed;
+    memset(&m, 0, sizeof m);
+    memset(&tracker, 0, sizeof tracker);
+    memset(r, 0, sizeof *r);
+    r->method = method_names[method];
+    r->p = uses_stochca(method) ? o.p : 0;
+    r->domain = domain_angles[test_domain];
+    r->seed = seed;
+    r->steps = o.steps;
+    if (!make_domain_datasets(&s->rotated, test_domain, seed, &train, &val, &test))
+        return 0;
+    r->train_images = train.count;
+    run_label(label, sizeof label, s, r);
+    ok = init_run_model(&m, &s->pre, 0, seed) && init_tracker(&tracker, &val, o.eval_every, o.batch, m.num_params) &&
+         train_model(&m, method == METHOD_FT ? NULL : &s->pre, &train, &o, label, &tracker) == TRAIN_DONE;
+    if (ok) {
+        memcpy(m.param_memory, tracker.best_params, m.num_params * sizeof(stochca_real));
+        r->best_step = tracker.best_step;
+        r->val_acc = tracker.best_accuracy;
+        r->test_acc = test_accuracy(&m, &test);
+        r->seconds = now_seconds() - start;
+        ok = r->test_acc >= 0;
+    }
+    free_tracker(&tracker);
+    stochca_model_free(&m);
+    free_dataset(&train);
+    free_dataset(&val);
+    free_dataset(&test);
+    if (ok)
+        print_run_result(r);
+    return ok;
+}
+
+/* Runs every method with every held-out domain and seed. */
+static int run_dg_grid(sweep *s, run_table *runs)
+{
+    long seed;
+    int domain, k;
+    for (seed = 0; seed < s->o.seeds; seed++)
+        for (domain = 0; domain < DOMAIN_COUNT; domain++)
+            for (k = 0; k < DG_METHODS; k++) {
+                run_record *r = &runs->runs[runs->count];
+                if (!dg_run(s, dg_methods[k], domain, seed, r))
+                    return 0;
+                runs->count++;
+                write_run_row(s->runs_file, r, 1);
+            }
+    return 1;
+}
+
+/* Appends, for every method and seed, a record with domain DOMAIN_AVERAGE
+   whose accuracies are the means over the held-out domains of that seed.
+   t needs room for DG_METHODS * seeds more records. */
+static void append_domain_averages(run_table *t, int seeds)
+{
+    const int runs = t->count;
+    long seed;
+    int k, i;
+    for (k = 0; k < DG_METHODS; k++)
+        for (seed = 0; seed < seeds; seed++) {
+            run_record average;
+            int n = 0;
+            memset(&average, 0, sizeof average);
+            for (i = 0; i < runs; i++) {
+                const run_record *r = &t->runs[i];
+                if (strcmp(r->method, method_names[dg_methods[k]]) != 0 || r->seed != seed)
+                    continue;
+                if (n == 0) {
+                    average = *r;
+                } else {
+                    average.val_acc += r->val_acc;
+                    average.test_acc += r->test_acc;
+                }
+                n++;
+            }
+            if (n == 0)
+                continue;
+            average.domain = DOMAIN_AVERAGE;
+            average.val_acc /= n;
+            average.test_acc /= n;
+            t->runs[t->count++] = average;
+        }
+}
+
+/* Writes dg-accuracy.svg: test accuracy per held-out domain and on
+   average, one bar per method, error bars of one sample standard deviation. */
+static int write_dg_figure(const sweep *s, const summary_cell *cells, int count)
+{
+    const double bar_width = 0.8 / DG_METHODS;
+    char path[1100], title[160], legend[64];
+    double x[DG_GROUPS];
+    FILE *f = open_output(s->o.out_dir, "dg-accuracy.svg", path, sizeof path);
+    svg_figure g;
+    int group, k;
+
+    if (!f)
+        return 0;
+    for (group = 0; group < DG_GROUPS; group++)
+        x[group] = group;
+    snprintf(title, sizeof title, "Rotated MNIST, held-out domain test accuracy (mean &#177; sample std, %d seed%s)",
+             s->o.seeds, plural(s->o.seeds));
+    figure_begin(&g, f, title, -0.5, DG_GROUPS - 0.5, 0, 100);
+    figure_axes(&g, DG_GROUPS, x, dg_group_labels, 10, "held-out domain (rotation)", "test accuracy (%)");
+    for (k = 0; k < DG_METHODS; k++) {
+        const method_kind method = dg_methods[k];
+        const double p = uses_stochca(method) ? s->o.p : 0;
+        for (group = 0; group < DG_GROUPS; group++) {
+            const int domain = group < DOMAIN_COUNT ? domain_angles[group] : DOMAIN_AVERAGE;
+            const summary_cell *c = find_cell(cells, count, method_names[method], p, 0, domain);
+            if (c)
+                figure_bar(&g, group + (k - (DG_METHODS - 1) / 2.0) * bar_width, bar_width, c->test_mean,
+                           c->test_std, series_colors[k]);
+        }
+        if (p > 0)
+            snprintf(legend, sizeof legend, "%s (p = %g)", method_names[method], p);
+        else
+            snprintf(legend, sizeof legend, "%s (ERM)", method_names[method]);
+        figure_legend(&g, series_colors[k], legend, 0);
+    }
+    figure_end(&g);
+    return close_output(f, path);
+}
+
+static void print_dg_table(const sweep *s, const summary_cell *cells, int count)
+{
+    char name[64];
+    int group, k;
+    printf("\nRotated MNIST, test accuracy in %% on the held-out domain, mean (sample std) over %d seed%s\n%-16s",
+           s->o.seeds, plural(s->o.seeds), "method");
+    for (group = 0; group < DOMAIN_COUNT; group++) {
+        snprintf(name, sizeof name, "%d deg", domain_angles[group]);
+        printf("  %14s", name);
+    }
+    printf("  %14s\n", "avg");
+    for (k = 0; k < DG_METHODS; k++) {
+        const method_kind method = dg_methods[k];
+        const double p = uses_stochca(method) ? s->o.p : 0;
+        if (p > 0)
+            snprintf(name, sizeof name, "%s p=%g", method_names[method], p);
+        else
+            snprintf(name, sizeof name, "%s", method_names[method]);
+        printf("%-16s", name);
+        for (group = 0; group < DG_GROUPS; group++) {
+            const int domain = group < DOMAIN_COUNT ? domain_angles[group] : DOMAIN_AVERAGE;
+            const summary_cell *c = find_cell(cells, count, method_names[method], p, 0, domain);
+            print_mean_std(c ? c->test_mean : NAN, c ? c->test_std : NAN);
+        }
+        printf("\n");
+    }
+}
+
+/* The domain-generalization sweep: every method, held-out domain and seed. */
+static int cmd_dg_sweep(const options *o)
+{
+    sweep s;
+    run_table runs;
+    summary_cell *cells = NULL;
+    int count = -1, ok;
+
+    memset(&runs, 0, sizeof runs);
+    ok = open_dg_sweep(&s, o) && init_table(&runs, (DOMAIN_COUNT + 1) * DG_METHODS * o->seeds);
+    s.total = DOMAIN_COUNT * DG_METHODS * o->seeds;
+    ok = ok && run_dg_grid(&s, &runs);
+    if (ok) {
+        append_domain_averages(&runs, o->seeds);
+        count = summarize_table(&runs, &cells);
+        ok = count >= 0 && write_summary(o->out_dir, "dg-summary.tsv", cells, count, 1) &&
+             write_dg_figure(&s, cells, count);
+    }
+    if (ok) {
+        print_dg_table(&s, cells, count);
+        printf("\nwrote dg-runs.tsv, dg-summary.tsv and dg-accuracy.svg to %s\n", o->out_dir);
+    }
+    free(cells);
+    free_table(&runs);
+    return close_sweep(&s) && ok;
+}
+
 #ifndef STOCHCA_TRAIN_NO_MAIN
 int main(int argc, char **argv)
 {
     const char *command = argc > 1 ? argv[1] : "";
-    int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench"), ok;
+    const int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench");
+    const int tl_sweep = !strcmp(command, "tl-sweep"), dg_sweep = !strcmp(command, "dg-sweep");
     options o = default_options(pretraining || benchmark);
+    int ok;
 
     if (!strcmp(command, "--help") || !strcmp(command, "-h")) {
         print_usage(stdout);
@@ -1140,15 +2683,21 @@ int main(int argc, char **argv)
         o.config.patch_size = 4;
         o.p = 0.5;
     }
-    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune")) {
+    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune") && !tl_sweep && !dg_sweep) {
         fprintf(stderr, "train: unknown command '%s'\n\n", command);
         print_usage(stderr);
         return 2;
     }
-    if (!parse_options(&o, argc > 1 ? argc - 2 : 0, argv + 2))
+    if (tl_sweep || dg_sweep)
+        o.steps = SWEEP_DEFAULT_STEPS;
+    if (!parse_options(&o, command, argc > 1 ? argc - 2 : 0, argv + 2))
         return 2;
     set_threads(&o);
-    if (pretraining)
+    if (tl_sweep)
+        ok = cmd_tl_sweep(&o);
+    else if (dg_sweep)
+        ok = cmd_dg_sweep(&o);
+    else if (pretraining)
         ok = cmd_pretrain(&o);
     else if (benchmark)
         ok = cmd_bench(&o);
