@@ -510,7 +510,7 @@ static options default_options(int pretraining)
     o.wd = 0.05;
     o.head_lr_scale = 1.0;
     o.l2sp_alpha = 0.01;
-    o.epochs = pretraining ? 10 : 40;
+    o.epochs = pretraining ? 10 : 60;
     o.warmup = 100;
     o.batch = pretraining ? 64 : 32;
     o.seed = 0;
@@ -562,7 +562,7 @@ static void print_usage(FILE *f)
         "pretraining and benchmark flags:\n"
         "  --dim D --depth L --heads H --mlp M --patch P   model shape (default 64 6 4 256 7)\n"
         "common flags:\n"
-        "  --epochs E       passes over the training images (default 40 fine-tuning, 10 pretraining)\n"
+        "  --epochs E       passes over the training images (default 60 fine-tuning, 10 pretraining)\n"
         "  --steps N        optimizer steps; overrides --epochs\n"
         "  --batch B        images per step (default 32 fine-tuning, 64 pretraining)\n"
         "  --lr LR          peak learning rate (default 4e-3 fine-tuning, 1e-3 pretraining)\n"
