@@ -131,6 +131,21 @@ static void numeric_gradient(loss_fn loss, void *ctx, double *x, size_t n, doubl
     }
 }
 
+/* Backward functions add into their outputs. The kernel tests fill the
+   gradient buffers with this pattern first and subtract it afterwards, so
+   a kernel that overwrites instead of adding fails. */
+static double prior_value(size_t i)
+{
+    return 0.25 * (double)(i % 7 + 1);
+}
+
+static void add_prior(double *x, size_t n, double sign)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        x[i] += sign * prior_value(i);
+}
+
 /* Runs one gradient check of `param` (n values) against its analytic gradient. */
 static void check_param(const char *name, loss_fn loss, void *ctx, double *param, const double *analytic,
                         size_t n)
@@ -181,7 +196,9 @@ static void test_linear(stochca_rng *rng)
     fill_random(c.b, 6, -1, 1, rng);
     fill_random(c.r, 42, -1, 1, rng);
 
+    add_prior(dinp, 35, 1); add_prior(dw, 30, 1); add_prior(db, 6, 1);
     stochca_linear_backward(dinp, dw, db, c.r, c.inp, c.w, c.R, c.I, c.O);
+    add_prior(dinp, 35, -1); add_prior(dw, 30, -1); add_prior(db, 6, -1);
     check_param("eq1,4,6 linear: d input", linear_loss, &c, c.inp, dinp, 35);
     check_param("eq1,4,6 linear: d weight", linear_loss, &c, c.w, dw, 30);
     check_param("eq1,4,6 linear: d bias", linear_loss, &c, c.b, db, 6);
@@ -211,7 +228,9 @@ static void test_embed(stochca_rng *rng)
     fill_random(c.pos, KT * KD, -1, 1, rng);
     fill_random(c.r, KB * KT * KD, -1, 1, rng);
 
+    add_prior(dpatch, KB * (KT - 1) * KD, 1); add_prior(dcls, KD, 1); add_prior(dpos, KT * KD, 1);
     stochca_embed_backward(dpatch, dcls, dpos, c.r, KB, KT, KD);
+    add_prior(dpatch, KB * (KT - 1) * KD, -1); add_prior(dcls, KD, -1); add_prior(dpos, KT * KD, -1);
     check_param("eq2 embedding: d patch embeddings", embed_loss, &c, c.patch_emb, dpatch, KB * (KT - 1) * KD);
     check_param("eq2 embedding: d class token", embed_loss, &c, c.cls, dcls, KD);
     check_param("eq2 embedding: d position embedding", embed_loss, &c, c.pos, dpos, KT * KD);
@@ -248,7 +267,9 @@ static void test_layernorm_case(const char *prefix, int stride, int rows, stochc
     fill_random(c.r, (size_t)rows * KD, -1, 1, rng);
 
     layernorm_loss(&c);
+    add_prior(dinp, n_inp, 1); add_prior(dw, KD, 1); add_prior(db, KD, 1);
     stochca_layernorm_backward(dinp, dw, db, c.r, c.inp, stride, c.w, c.mean, c.rstd, rows, KD);
+    add_prior(dinp, n_inp, -1); add_prior(dw, KD, -1); add_prior(db, KD, -1);
     snprintf(name, sizeof name, "%s: d input", prefix);
     check_param(name, layernorm_loss, &c, c.inp, dinp, n_inp);
     snprintf(name, sizeof name, "%s: d weight", prefix);
@@ -294,16 +315,20 @@ static void test_attention(stochca_rng *rng)
     /* Self-attention: q, k, v interleaved in one (B,T,3D) buffer. */
     c.q = qkv; c.k = qkv + KD; c.v = qkv + 2 * KD; c.q_stride = 3 * KD; c.kv_stride = 3 * KD;
     attention_loss(&c);
+    add_prior(dqkv, n_qkv, 1);
     stochca_attention_backward(dqkv, dqkv + KD, dqkv + 2 * KD, dprobs, c.scratch, c.r, c.probs, c.q, c.q_stride,
                                c.k, c.v, c.kv_stride, KB, KT, KD, KH);
+    add_prior(dqkv, n_qkv, -1);
     check_param("eq5 self-attention: d q, k, v", attention_loss, &c, qkv, dqkv, n_qkv);
 
     /* Cross-attention: queries from qkv, keys and values from kv0 (eq10). */
     memset(dqkv, 0, n_qkv * sizeof(double));
     c.k = kv0; c.v = kv0 + KD; c.kv_stride = 2 * KD;
     attention_loss(&c);
+    add_prior(dqkv, n_qkv, 1); add_prior(dkv0, n_kv0, 1);
     stochca_attention_backward(dqkv, dkv0, dkv0 + KD, dprobs, c.scratch, c.r, c.probs, c.q, c.q_stride,
                                c.k, c.v, c.kv_stride, KB, KT, KD, KH);
+    add_prior(dqkv, n_qkv, -1); add_prior(dkv0, n_kv0, -1);
     check_param("eq10 cross-attention: d queries", attention_loss, &c, qkv, dqkv, n_qkv / 3 * 3);
     check_param("eq10 cross-attention: d pretrained k, v", attention_loss, &c, kv0, dkv0, n_kv0);
     free(qkv); free(kv0); free(dqkv); free(dkv0); free(dprobs); free(c.out); free(c.r); free(c.probs); free(c.scratch);
@@ -329,7 +354,9 @@ static void test_gelu(stochca_rng *rng)
     c.inp = new_array(40); c.out = new_array(40); c.r = new_array(40);
     fill_random(c.inp, 40, -4, 4, rng);
     fill_random(c.r, 40, -1, 1, rng);
+    add_prior(dinp, c.n, 1);
     stochca_gelu_backward(dinp, c.inp, c.r, c.n);
+    add_prior(dinp, c.n, -1);
     check_param("eq7 GELU: d input", gelu_loss, &c, c.inp, dinp, c.n);
 
     /* GELU(x) = x Phi(x): GELU(1) = Phi(1) = 0.8413447460685429. */
@@ -359,7 +386,9 @@ static void test_residual(stochca_rng *rng)
     fill_random(c.a, 20, -1, 1, rng);
     fill_random(c.b, 20, -1, 1, rng);
     fill_random(c.r, 20, -1, 1, rng);
+    add_prior(da, 20, 1); add_prior(db, 20, 1);
     stochca_residual_backward(da, db, c.r, 20);
+    add_prior(da, 20, -1); add_prior(db, 20, -1);
     check_param("eq6 residual: d first input", residual_loss, &c, c.a, da, 20);
     check_param("eq6 residual: d second input", residual_loss, &c, c.b, db, 20);
     free(c.a); free(c.b); free(c.out); free(c.r); free(da); free(db);
@@ -386,7 +415,9 @@ static void test_crossentropy(stochca_rng *rng)
     for (i = 0; i < KB * 3; i++)
         c.labels[i] = i % KK;
     crossentropy_loss(&c);
+    add_prior(dlogits, KB * 3 * KK, 1);
     stochca_crossentropy_backward(dlogits, c.probs, c.labels, KB * 3, KK);
+    add_prior(dlogits, KB * 3 * KK, -1);
     check_param("eq9 softmax cross-entropy: d logits", crossentropy_loss, &c, c.logits, dlogits, KB * 3 * KK);
 
     /* Logits (0, ln 3) with label 1: softmax = (1/4, 3/4), loss = ln(4/3). */
@@ -686,6 +717,79 @@ static void test_adamw(stochca_rng *rng)
     stochca_model_free(&m);
 }
 
+/* ---------------------------------------------------------------------------
+   Matrix multiply: full 4x16 tiles and partial edge tiles, with A read as
+   stored and transposed, against the plain triple loop. */
+
+static void test_matmul_tiles(stochca_rng *rng)
+{
+    enum { M = 9, K = 7, N = 37 };
+    double a[M * K], at[K * M], b[K * N], c[M * N], expected[M * N], worst = 0;
+    int transposed, m, n, k;
+    char detail[96];
+    fill_random(a, M * K, -1, 1, rng);
+    fill_random(b, K * N, -1, 1, rng);
+    for (m = 0; m < M; m++)
+        for (k = 0; k < K; k++)
+            at[k * M + m] = a[m * K + k];
+    for (transposed = 0; transposed < 2; transposed++) {
+        stochca__matmul_args g = transposed ? stochca__mm(c, N, at, 1, M, b, N, M, K, N)
+                                            : stochca__mm(c, N, a, K, 1, b, N, M, K, N);
+        fill_random(c, M * N, -1, 1, rng);
+        for (m = 0; m < M; m++)
+            for (n = 0; n < N; n++) {
+                double sum = c[m * N + n];
+                for (k = 0; k < K; k++)
+                    sum += a[m * K + k] * b[k * N + n];
+                expected[m * N + n] = sum;
+            }
+        stochca__matmul(&g, transposed);
+        for (m = 0; m < M * N; m++)
+            worst = fmax(worst, fabs(c[m] - expected[m]));
+    }
+    snprintf(detail, sizeof detail, "max |error| %.1e over 9x37 outputs, A as stored and transposed", worst);
+    check_true("matrix multiply tiles and edges", worst < 1e-13, detail);
+}
+
+/* Two AdamW steps against the update written out in double precision,
+   with betas and eps chosen so that swapping or dropping any of them shows. */
+static void test_adamw_two_steps(stochca_rng *rng)
+{
+    stochca_model m;
+    stochca_adamw opt = stochca_adamw_default();
+    const double grads[2] = {0.3, -0.7};
+    double theta[2] = {0.5, -0.25}, first[2] = {0, 0}, second[2] = {0, 0}, worst = 0;
+    size_t index[2];
+    int step, i;
+    char detail[128];
+
+    init_tiny_model(&m, 1, rng);
+    index[0] = 5;
+    index[1] = (size_t)(m.params.head_w - m.param_memory) + 2;
+    opt.lr = 0.1f; opt.beta1 = 0.8f; opt.beta2 = 0.95f; opt.eps = 0.1f; opt.weight_decay = 0.2f;
+    opt.head_lr_scale = 3.0f; opt.decay_head_only = 1;
+    for (i = 0; i < 2; i++)
+        m.param_memory[index[i]] = theta[i];
+    for (step = 1; step <= 2; step++) {
+        for (i = 0; i < 2; i++) {
+            const double lr = i ? 0.1 * 3.0 : 0.1, decay = i ? (double)0.2f : 0;
+            const double b1 = (double)0.8f, b2 = (double)0.95f;
+            m.grad_memory[index[i]] = grads[i] * step;
+            theta[i] -= (double)(float)lr * decay * theta[i];
+            first[i] = b1 * first[i] + (1 - b1) * grads[i] * step;
+            second[i] = b2 * second[i] + (1 - b2) * grads[i] * step * grads[i] * step;
+            theta[i] -= (double)(float)lr * (first[i] / (1 - pow(b1, step))) /
+                        (sqrt(second[i] / (1 - pow(b2, step))) + (double)0.1f);
+        }
+        stochca_adamw_update(&m, &opt);
+    }
+    for (i = 0; i < 2; i++)
+        worst = fmax(worst, fabs(m.param_memory[index[i]] - theta[i]));
+    snprintf(detail, sizeof detail, "max |error| %.1e; backbone %.9f, head %.9f", worst, theta[0], theta[1]);
+    check_true("eq12 AdamW two steps, head decay only", worst < 1e-6, detail);
+    stochca_model_free(&m);
+}
+
 static void test_schedule(void)
 {
     const float base = 1e-3f;
@@ -718,7 +822,9 @@ static void test_l2sp(stochca_rng *rng)
     for (i = 0; i < backbone; i++)
         expected += 0.5 * alpha * (m.param_memory[i] - pre.param_memory[i]) * (m.param_memory[i] - pre.param_memory[i]);
     stochca_zero_grad(&m);
+    add_prior(m.grad_memory, m.num_params, 1);
     penalty = stochca_l2sp(&m, &pre, alpha);
+    add_prior(m.grad_memory, m.num_params, -1);
     snprintf(detail, sizeof detail, "penalty %.9f, expected %.9f", penalty, expected);
     check_true("eq14 L2-SP penalty value", fabs(penalty - expected) < 1e-9 * fmax(1, expected), detail);
     check_true("eq14 L2-SP gradient, head untouched",
@@ -1782,6 +1888,8 @@ int main(void)
     test_stochca_properties(&rng);
     test_bernoulli_draws();
     test_adamw(&rng);
+    test_matmul_tiles(&rng);
+    test_adamw_two_steps(&rng);
     test_schedule();
     test_l2sp(&rng);
     test_tensor_table();
