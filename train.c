@@ -2668,7 +2668,10 @@ static int cmd_dg_sweep(const options *o)
 #ifndef STOCHCA_TRAIN_NO_MAIN
 int main(int argc, char **argv)
 {
-    const char *command = argc > 1 ? argv[1] : "";
+    /* Flags without a command (./train --threads 1) configure the main job. */
+    const int main_job = argc == 1 || (argv[1][0] == '-' && argv[1][1] == '-' && strcmp(argv[1], "--help"));
+    const char *command = main_job ? "" : argv[1];
+    const int first_flag = main_job ? 1 : 2;
     const int pretraining = !strcmp(command, "pretrain"), benchmark = !strcmp(command, "bench");
     const int tl_sweep = !strcmp(command, "tl-sweep"), dg_sweep = !strcmp(command, "dg-sweep");
     options o = default_options(pretraining || benchmark);
@@ -2683,14 +2686,14 @@ int main(int argc, char **argv)
         o.config.patch_size = 4;
         o.p = 0.5;
     }
-    if (argc > 1 && !pretraining && !benchmark && strcmp(command, "finetune") && !tl_sweep && !dg_sweep) {
+    if (!main_job && !pretraining && !benchmark && strcmp(command, "finetune") && !tl_sweep && !dg_sweep) {
         fprintf(stderr, "train: unknown command '%s'\n\n", command);
         print_usage(stderr);
         return 2;
     }
     if (tl_sweep || dg_sweep)
         o.steps = SWEEP_DEFAULT_STEPS;
-    if (!parse_options(&o, command, argc > 1 ? argc - 2 : 0, argv + 2))
+    if (!parse_options(&o, command, argc - first_flag, argv + first_flag))
         return 2;
     set_threads(&o);
     if (tl_sweep)
@@ -2701,10 +2704,10 @@ int main(int argc, char **argv)
         ok = cmd_pretrain(&o);
     else if (benchmark)
         ok = cmd_bench(&o);
-    else if (argc > 1)
-        ok = cmd_finetune(&o);
-    else
+    else if (main_job)
         ok = cmd_main_job(o);
+    else
+        ok = cmd_finetune(&o);
     return ok ? 0 : 1;
 }
 #endif
