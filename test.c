@@ -346,6 +346,18 @@ static double gelu_loss(void *ctx)
     return weighted_sum(c->out, c->r, c->n);
 }
 
+/* Scores far beyond exp's range: the softmax must subtract the row maximum. */
+static void test_attention_large_scores(void)
+{
+    /* One image, two tokens, one head of width 1: q = (1, 1), k = (0, 2e4). */
+    double q[2] = {1, 1}, k[2] = {0, 2e4}, v[2] = {3, 5}, out[2], probs[4], scratch[2];
+    char detail[96];
+    stochca_attention_forward(out, probs, scratch, q, 1, k, v, 1, 1, 2, 1, 1);
+    snprintf(detail, sizeof detail, "probabilities %g %g, output %g", probs[0], probs[1], out[0]);
+    check_true("eq5 softmax of huge scores stays finite", probs[0] == 0 && probs[1] == 1 && out[0] == 5 && out[1] == 5,
+               detail);
+}
+
 static void test_gelu(stochca_rng *rng)
 {
     gelu_case c;
@@ -807,6 +819,10 @@ static void test_schedule(void)
     check_true("eq13 warm-up end reaches base", fabs(peak - base) < 1e-10 && fabs(after - base) < 1e-10, detail);
     check_true("eq13 cosine middle is base / 2", fabs(middle - base / 2) < 1e-9, detail);
     check_true("eq13 last step near zero", fabs(last - last_expected) < 1e-10 && last > 0, detail);
+    check_true("eq13 no decay when warm-up is all", stochca_cosine_lr(base, 4, 5, 5) == base,
+               "warmup == total gives the base rate, not 0/0");
+    check_true("eq13 zero after the last step", stochca_cosine_lr(base, 1500, 100, 1000) == 0,
+               "steps past total stay at 0");
 }
 
 static void test_l2sp(stochca_rng *rng)
@@ -1881,6 +1897,7 @@ int main(void)
     test_embed(&rng);
     test_layernorm(&rng);
     test_attention(&rng);
+    test_attention_large_scores();
     test_gelu(&rng);
     test_residual(&rng);
     test_crossentropy(&rng);
