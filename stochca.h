@@ -318,9 +318,10 @@ STOCHCA_API int stochca_model_init(stochca_model *m, const stochca_config *c, st
    when training is nonzero, gradients and AdamW moments. */
 STOCHCA_API int stochca_model_reserve(stochca_model *m, int batch_capacity, int training, stochca_error *err);
 STOCHCA_API void stochca_model_free(stochca_model *m);
-/* Initializes parameters for training from scratch, as torchvision does
-   (see PAPER_NOTES.md): truncated-normal patch projection, Xavier-uniform
-   attention and MLP weights, N(0, 0.02) position embedding, zero head. */
+/* Initializes parameters for training from scratch, close to torchvision's
+   ViT: truncated-normal patch projection, Xavier-uniform in_proj and MLP
+   weights, N(0, 0.02) position embedding, N(0, 1e-6) MLP biases, LayerNorm
+   weights 1, and zero class token, other biases and head. */
 STOCHCA_API void stochca_model_init_random(stochca_model *m, stochca_rng *rng);
 /* Builds a target model from a pretrained one: copies every backbone
    tensor and creates a zero head with `classes` outputs. */
