@@ -1324,7 +1324,7 @@ static void stochca__softmax_rows(stochca_real *p, int T, stochca_real scale)
         stochca_real max_score, sum = 0;
         for (j = 0; j < T; j++)
             p[j] *= scale;
-        /* Subtract the row maximum so exp never overflows. */
+        /* After subtracting the row maximum every exponent is at most 0, so exp cannot overflow. */
         max_score = p[0];
         for (j = 1; j < T; j++)
             if (p[j] > max_score) max_score = p[j];
@@ -2229,7 +2229,7 @@ static int stochca__compare_config(const stochca_config *file, const stochca_con
     return STOCHCA_OK;
 }
 
-/* Checks that the file holds exactly the header and `floats` values. */
+/* Checks that the file contains exactly the header and `floats` values. */
 static int stochca__check_size(FILE *f, const char *path, size_t floats, stochca_error *err)
 {
     const long header = 4L * STOCHCA_CHECKPOINT_HEADER_WORDS;

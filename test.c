@@ -1420,8 +1420,8 @@ static void test_choose_p(void)
 static void test_output_folder(void)
 {
     struct stat info;
-    const int made = make_folder("test_sweep.tmp.d/a/b");
-    check_true("output folder created with parents", made && stat("test_sweep.tmp.d/a/b", &info) == 0 &&
+    const int created = make_folder("test_sweep.tmp.d/a/b");
+    check_true("output folder created with parents", created && stat("test_sweep.tmp.d/a/b", &info) == 0 &&
                                                      S_ISDIR(info.st_mode), "test_sweep.tmp.d/a/b");
     check_true("existing output folder accepted", make_folder("test_sweep.tmp.d/a/b"), "second call succeeds");
     remove("test_sweep.tmp.d/a/b");

@@ -1008,7 +1008,7 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
     /* The image order of an epoch depends only on (seed, epoch), so a
        resumed run recomputes it instead of storing it. */
     first_step = m->adam_step;
-    if (first_step > 0 && first_step < total)
+    if (first_step % steps_per_epoch != 0 && first_step < total)
         epoch_order(buf.order, d->count, (uint64_t)o->seed, first_step / steps_per_epoch);
     for (step = first_step; step < total; step++) {
         const long position = step % steps_per_epoch;
