@@ -538,15 +538,30 @@ STOCHCA_API double stochca_rng_normal(stochca_rng *rng);
 #define STOCHCA__NOINLINE
 #endif
 
+/* For a helper that some configurations do not call. */
+#if defined(__GNUC__) || defined(__clang__)
+#define STOCHCA__MAYBE_UNUSED __attribute__((unused))
+#else
+#define STOCHCA__MAYBE_UNUSED
+#endif
+
+/* The float build has its own exp and erf (see "exp and erf for the float
+   build"), except under -ffast-math, which would reorder the rounding
+   step of that exp; there libm's versions are used. */
 #ifdef STOCHCA_DOUBLE
 #define STOCHCA__EXP exp
 #define STOCHCA__SQRT sqrt
 #define STOCHCA__ERF erf
 #define STOCHCA__LOG log
-#else
+#elif defined(__FAST_MATH__)
 #define STOCHCA__EXP expf
 #define STOCHCA__SQRT sqrtf
 #define STOCHCA__ERF erff
+#define STOCHCA__LOG logf
+#else
+#define STOCHCA__EXP stochca__exp_float
+#define STOCHCA__SQRT sqrtf
+#define STOCHCA__ERF stochca__erf_float
 #define STOCHCA__LOG logf
 #endif
 
@@ -1048,8 +1063,9 @@ STOCHCA_API void stochca_patchify(stochca_real *patches, const stochca_real *ima
    starting from its old value, so the result does not depend on the tiling
    or on the thread count. */
 
-#define STOCHCA__TILE_M 4
+#define STOCHCA__TILE_M 8
 #define STOCHCA__TILE_N 16
+#define STOCHCA__PANEL_K 256
 
 /* Shape and strides of one multiply. */
 typedef struct {
@@ -1061,67 +1077,87 @@ typedef struct {
     int M, K, N;
 } stochca__matmul_args;
 
-/* One full 4x16 tile at row m0, column n0. The four rows of sums are
-   separate arrays and the column loop is innermost, so it compiles to
-   vector multiply-adds. */
-static void stochca__matmul_tile(const stochca__matmul_args *g, int m0, int n0)
+/* The inner kernel: c (8,16) += a (8,kc) b (kc,16), where panel holds a
+   packed column by column, panel[k*8 + i] = a[i,k]. The sums stay in a local
+   array that compilers keep in vector registers; the column loop is
+   innermost, so it compiles to vector multiply-adds with a broadcast. */
+static void stochca__matmul_kernel(stochca_real *c, size_t ldc, const stochca_real *panel,
+                                   const stochca_real *b, size_t ldb, int kc)
 {
-    stochca_real acc0[STOCHCA__TILE_N], acc1[STOCHCA__TILE_N], acc2[STOCHCA__TILE_N], acc3[STOCHCA__TILE_N];
-    const stochca_real *a = g->A + (size_t)m0 * g->a_row;
-    const size_t a_row = g->a_row, a_col = g->a_col, ldb = (size_t)g->ldb, ldc = (size_t)g->ldc;
-    stochca_real *c = g->C + (size_t)m0 * ldc + n0;
-    const int K = g->K;
+    stochca_real c0[STOCHCA__TILE_N], c1[STOCHCA__TILE_N], c2[STOCHCA__TILE_N], c3[STOCHCA__TILE_N];
+    stochca_real c4[STOCHCA__TILE_N], c5[STOCHCA__TILE_N], c6[STOCHCA__TILE_N], c7[STOCHCA__TILE_N];
     int n, k;
     for (n = 0; n < STOCHCA__TILE_N; n++) {
-        acc0[n] = c[n];
-        acc1[n] = c[ldc + n];
-        acc2[n] = c[2 * ldc + n];
-        acc3[n] = c[3 * ldc + n];
+        c0[n] = c[n]; c1[n] = c[ldc + n]; c2[n] = c[2 * ldc + n]; c3[n] = c[3 * ldc + n];
+        c4[n] = c[4 * ldc + n]; c5[n] = c[5 * ldc + n]; c6[n] = c[6 * ldc + n]; c7[n] = c[7 * ldc + n];
     }
-    for (k = 0; k < K; k++) {
-        const stochca_real *b = g->B + (size_t)k * ldb + n0;
-        const stochca_real a0 = a[k * a_col], a1 = a[a_row + k * a_col];
-        const stochca_real a2 = a[2 * a_row + k * a_col], a3 = a[3 * a_row + k * a_col];
+    for (k = 0; k < kc; k++, b += ldb, panel += STOCHCA__TILE_M)
         for (n = 0; n < STOCHCA__TILE_N; n++) {
-            acc0[n] += a0 * b[n];
-            acc1[n] += a1 * b[n];
-            acc2[n] += a2 * b[n];
-            acc3[n] += a3 * b[n];
+            c0[n] += panel[0] * b[n]; c1[n] += panel[1] * b[n];
+            c2[n] += panel[2] * b[n]; c3[n] += panel[3] * b[n];
+            c4[n] += panel[4] * b[n]; c5[n] += panel[5] * b[n];
+            c6[n] += panel[6] * b[n]; c7[n] += panel[7] * b[n];
         }
-    }
     for (n = 0; n < STOCHCA__TILE_N; n++) {
-        c[n] = acc0[n];
-        c[ldc + n] = acc1[n];
-        c[2 * ldc + n] = acc2[n];
-        c[3 * ldc + n] = acc3[n];
+        c[n] = c0[n]; c[ldc + n] = c1[n]; c[2 * ldc + n] = c2[n]; c[3 * ldc + n] = c3[n];
+        c[4 * ldc + n] = c4[n]; c[5 * ldc + n] = c5[n]; c[6 * ldc + n] = c6[n]; c[7 * ldc + n] = c7[n];
     }
 }
 
-/* A partial tile at the bottom or right edge, with the same order of sums. */
-static void stochca__matmul_edge(const stochca__matmul_args *g, int m0, int n0, int rows, int cols)
+/* Copies a (rows, kc), the block of A at row m0 and column k0, into panel
+   column by column; the rows beyond the edge of A are zero. */
+static void stochca__matmul_pack(stochca_real *panel, const stochca__matmul_args *g, int m0, int rows,
+                                 int k0, int kc)
 {
-    int m, n, k;
-    for (m = m0; m < m0 + rows; m++)
-        for (n = n0; n < n0 + cols; n++) {
-            stochca_real *c = g->C + (size_t)m * g->ldc + n;
-            stochca_real sum = *c;
-            for (k = 0; k < g->K; k++)
-                sum += g->A[m * g->a_row + k * g->a_col] * g->B[(size_t)k * g->ldb + n];
-            *c = sum;
-        }
+    int i, k;
+    for (k = 0; k < kc; k++)
+        for (i = 0; i < STOCHCA__TILE_M; i++)
+            panel[k * STOCHCA__TILE_M + i] =
+                i < rows ? g->A[(size_t)(m0 + i) * g->a_row + (size_t)(k0 + k) * g->a_col] : 0;
 }
 
-/* The rows [m0, m0 + 4) of C, or fewer at the bottom edge. */
+/* A tile cut by the bottom or right edge of C: the kernel runs on copies
+   padded with zeros, and only the rows and columns inside C are written back. */
+static void stochca__matmul_edge(stochca_real *c, size_t ldc, const stochca_real *panel, const stochca_real *b,
+                                 size_t ldb, int kc, int rows, int cols)
+{
+    stochca_real c_pad[STOCHCA__TILE_M * STOCHCA__TILE_N];
+    stochca_real b_pad[STOCHCA__PANEL_K * STOCHCA__TILE_N];
+    int i, n, k;
+    for (i = 0; i < STOCHCA__TILE_M; i++)
+        for (n = 0; n < STOCHCA__TILE_N; n++)
+            c_pad[i * STOCHCA__TILE_N + n] = i < rows && n < cols ? c[i * ldc + n] : 0;
+    for (k = 0; k < kc; k++)
+        for (n = 0; n < STOCHCA__TILE_N; n++)
+            b_pad[k * STOCHCA__TILE_N + n] = n < cols ? b[k * ldb + n] : 0;
+    stochca__matmul_kernel(c_pad, STOCHCA__TILE_N, panel, b_pad, STOCHCA__TILE_N, kc);
+    for (i = 0; i < rows; i++)
+        for (n = 0; n < cols; n++)
+            c[i * ldc + n] = c_pad[i * STOCHCA__TILE_N + n];
+}
+
+/* The rows [m0, m0 + 8) of C, or fewer at the bottom edge. K is cut into
+   blocks of at most 256 so that the packed rows of A fit on the stack; each
+   block adds its products to C in increasing k, so every element of C still
+   sums its K products in order. */
 static STOCHCA__NOINLINE void stochca__matmul_rows(const stochca__matmul_args *g, int m0)
 {
+    stochca_real panel[STOCHCA__PANEL_K * STOCHCA__TILE_M];
     const int rows = g->M - m0 < STOCHCA__TILE_M ? g->M - m0 : STOCHCA__TILE_M;
-    int n0;
-    for (n0 = 0; n0 < g->N; n0 += STOCHCA__TILE_N) {
-        const int cols = g->N - n0 < STOCHCA__TILE_N ? g->N - n0 : STOCHCA__TILE_N;
-        if (rows == STOCHCA__TILE_M && cols == STOCHCA__TILE_N)
-            stochca__matmul_tile(g, m0, n0);
-        else
-            stochca__matmul_edge(g, m0, n0, rows, cols);
+    const size_t ldb = (size_t)g->ldb, ldc = (size_t)g->ldc;
+    int k0, n0;
+    for (k0 = 0; k0 < g->K; k0 += STOCHCA__PANEL_K) {
+        const int kc = g->K - k0 < STOCHCA__PANEL_K ? g->K - k0 : STOCHCA__PANEL_K;
+        stochca__matmul_pack(panel, g, m0, rows, k0, kc);
+        for (n0 = 0; n0 < g->N; n0 += STOCHCA__TILE_N) {
+            const int cols = g->N - n0 < STOCHCA__TILE_N ? g->N - n0 : STOCHCA__TILE_N;
+            stochca_real *c = g->C + (size_t)m0 * ldc + n0;
+            const stochca_real *b = g->B + (size_t)k0 * ldb + n0;
+            if (rows == STOCHCA__TILE_M && cols == STOCHCA__TILE_N)
+                stochca__matmul_kernel(c, ldc, panel, b, ldb, kc);
+            else
+                stochca__matmul_edge(c, ldc, panel, b, ldb, kc, rows, cols);
+        }
     }
 }
 
@@ -1172,6 +1208,7 @@ STOCHCA_API void stochca_linear_forward(stochca_real *out, const stochca_real *i
     for (o = 0; o < O; o++)
         for (i = 0; i < I; i++)
             scratch[(size_t)i * O + o] = w[(size_t)o * I + i];
+    STOCHCA__OMP(omp parallel for private(o))
     for (r = 0; r < R; r++)
         for (o = 0; o < O; o++)
             out[(size_t)r * O + o] = bias ? bias[o] : 0;
@@ -1190,13 +1227,17 @@ STOCHCA_API void stochca_linear_backward(stochca_real *dinp, stochca_real *dw, s
 {
     stochca__matmul_args input_grad = stochca__mm(dinp, I, dout, (size_t)O, 1, w, I, R, O, I);
     stochca__matmul_args weight_grad = stochca__mm(dw, I, dout, 1, (size_t)O, inp, I, O, R, I);
-    int r, o;
+    int r, o, o0;
     if (dinp)
         stochca__matmul(&input_grad, 1);
     stochca__matmul(&weight_grad, 1);
-    if (dbias)
+    if (!dbias)
+        return;
+    /* Threads take blocks of 16 columns; each column sums its rows in order. */
+    STOCHCA__OMP(omp parallel for private(r, o))
+    for (o0 = 0; o0 < O; o0 += 16)
         for (r = 0; r < R; r++)
-            for (o = 0; o < O; o++)
+            for (o = o0; o < o0 + 16 && o < O; o++)
                 dbias[o] += dout[(size_t)r * O + o];
 }
 
@@ -1303,6 +1344,62 @@ STOCHCA_API void stochca_layernorm_backward(stochca_real *dinp, stochca_real *dw
 }
 
 /* ---------------------------------------------------------------------------
+   exp and erf for the float build
+
+   libm's expf and erff are calls that compilers do not vectorize, and they
+   took a fifth of a training step (GELU and softmax). These two compute in
+   double and round once to float. Over every float argument their error is
+   at most 0.6 units in the last place (tests "exp for the float build" and
+   "erf for the float build"). Their only branch is a clamp done on the bits
+   of the argument, which compilers turn into vector selects without having
+   to assume that float comparisons never trap. */
+
+/* x with its magnitude cut to limit (a positive float); NaN passes unchanged. */
+static float stochca__clamp_magnitude(float x, float limit)
+{
+    uint32_t bits, mag, lim;
+    memcpy(&bits, &x, sizeof bits);
+    memcpy(&lim, &limit, sizeof lim);
+    mag = bits & 0x7fffffffu;
+    bits = mag > lim && mag <= 0x7f800000u ? (bits & 0x80000000u) | lim : bits;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* e^y = 2^n e^r with n = round(y / ln 2) and |r| <= ln(2) / 2, where the
+   Taylor polynomial of degree 7 is within 6e-9 of e^r. Adding 1.5 * 2^52
+   rounds y / ln 2 to the integer n and leaves n in the low bits of the sum;
+   2^n is then built from its exponent bits. |y| is cut to 104 first:
+   e^-104 rounds to 0 and e^104 to infinity in float. */
+static STOCHCA__MAYBE_UNUSED float stochca__exp_float(float y)
+{
+    const double round_bias = 6755399441055744.0; /* 1.5 * 2^52 */
+    const double t = stochca__clamp_magnitude(y, 104.0f);
+    double k = t * 1.4426950408889634 + round_bias, r, p, two_n;
+    uint64_t bits;
+    memcpy(&bits, &k, sizeof bits);
+    k -= round_bias;
+    r = t - k * 0.69314718055994531;
+    p = 1 + r * (1 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720 + r / 5040))))));
+    bits = (bits + 1023) << 52;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return (float)(p * two_n);
+}
+
+/* erf(x) ~ x P(x^2) / Q(x^2) with |x| cut to 4, where erf rounds to 1 in
+   float. The coefficients are a weighted least-squares fit on [0, 4],
+   reweighted toward the smallest maximum error, which is 5.5e-9. */
+static STOCHCA__MAYBE_UNUSED float stochca__erf_float(float x)
+{
+    const double t = stochca__clamp_magnitude(x, 4.0f), s = t * t;
+    const double p = ((((6.5278119676855905e-06 * s + 0.00040385505883664584) * s + 0.0041843708986214027) * s
+                       + 0.055529803635255323) * s + 0.19235321052660753) * s + 1.1283791738590814;
+    const double q = (((((2.4581487478300149e-07 * s + 7.064321479394742e-05) * s + 0.0014028563499111711) * s
+                        + 0.01618766638523176) * s + 0.11714534388162466) * s + 0.50380205430394986) * s + 1;
+    return (float)(t * p / q);
+}
+
+/* ---------------------------------------------------------------------------
    Multi-head attention: for head h, A_h = softmax(Q_h K_h^T / sqrt(d)) V_h.
    In a cross-attention block K and V are the pretrained model's K0 and V0;
    the kernel does not care where its rows come from. */
@@ -1328,10 +1425,10 @@ static void stochca__softmax_rows(stochca_real *p, int T, stochca_real scale)
         max_score = p[0];
         for (j = 1; j < T; j++)
             if (p[j] > max_score) max_score = p[j];
-        for (j = 0; j < T; j++) {
+        for (j = 0; j < T; j++)
             p[j] = STOCHCA__EXP(p[j] - max_score);
+        for (j = 0; j < T; j++)
             sum += p[j];
-        }
         for (j = 0; j < T; j++)
             p[j] /= sum;
     }
@@ -1444,8 +1541,9 @@ STOCHCA_API void stochca_attention_backward(stochca_real *dq, stochca_real *dk, 
 
 STOCHCA_API void stochca_gelu_forward(stochca_real *out, const stochca_real *inp, size_t n)
 {
-    size_t i;
-    for (i = 0; i < n; i++) {
+    ptrdiff_t i;
+    STOCHCA__OMP(omp parallel for)
+    for (i = 0; i < (ptrdiff_t)n; i++) {
         const stochca_real x = inp[i];
         out[i] = (stochca_real)0.5 * x * (1 + STOCHCA__ERF(x * STOCHCA__INV_SQRT2));
     }
@@ -1455,8 +1553,9 @@ STOCHCA_API void stochca_gelu_forward(stochca_real *out, const stochca_real *inp
 STOCHCA_API void stochca_gelu_backward(stochca_real *dinp, const stochca_real *inp,
                                        const stochca_real *dout, size_t n)
 {
-    size_t i;
-    for (i = 0; i < n; i++) {
+    ptrdiff_t i;
+    STOCHCA__OMP(omp parallel for)
+    for (i = 0; i < (ptrdiff_t)n; i++) {
         const stochca_real x = inp[i];
         const stochca_real cdf = (stochca_real)0.5 * (1 + STOCHCA__ERF(x * STOCHCA__INV_SQRT2));
         const stochca_real pdf = STOCHCA__INV_SQRT2PI * STOCHCA__EXP((stochca_real)-0.5 * x * x);
@@ -1467,16 +1566,18 @@ STOCHCA_API void stochca_gelu_backward(stochca_real *dinp, const stochca_real *i
 STOCHCA_API void stochca_residual_forward(stochca_real *out, const stochca_real *a,
                                           const stochca_real *b, size_t n)
 {
-    size_t i;
-    for (i = 0; i < n; i++)
+    ptrdiff_t i;
+    STOCHCA__OMP(omp parallel for)
+    for (i = 0; i < (ptrdiff_t)n; i++)
         out[i] = a[i] + b[i];
 }
 
 STOCHCA_API void stochca_residual_backward(stochca_real *da, stochca_real *db,
                                            const stochca_real *dout, size_t n)
 {
-    size_t i;
-    for (i = 0; i < n; i++) {
+    ptrdiff_t i;
+    STOCHCA__OMP(omp parallel for)
+    for (i = 0; i < (ptrdiff_t)n; i++) {
         da[i] += dout[i];
         db[i] += dout[i];
     }
@@ -1921,6 +2022,16 @@ static void stochca__embed_backward(stochca_model *m, int B)
                             m->params.patch_w, B * (T - 1), patch, D);
 }
 
+/* memset in chunks split over threads; the activation gradients are large. */
+static void stochca__zero(stochca_real *x, size_t n)
+{
+    const ptrdiff_t chunk = (ptrdiff_t)1 << 16, total = (ptrdiff_t)n;
+    ptrdiff_t i;
+    STOCHCA__OMP(omp parallel for)
+    for (i = 0; i < total; i += chunk)
+        memset(x + i, 0, (size_t)(total - i < chunk ? total - i : chunk) * sizeof *x);
+}
+
 STOCHCA_API int stochca_backward(stochca_model *m, stochca_error *err)
 {
     int l;
@@ -1929,7 +2040,7 @@ STOCHCA_API int stochca_backward(stochca_model *m, stochca_error *err)
                              "with training = 1");
     if (!m->has_loss)
         return stochca__fail(err, STOCHCA_ERR_STATE, "backward needs a forward with labels first");
-    memset(m->grad_act_memory, 0, m->num_acts * sizeof(stochca_real));
+    stochca__zero(m->grad_act_memory, m->num_acts);
 
     stochca__head_backward(m, m->labels, m->batch);
     for (l = m->config.depth - 1; l >= 0; l--)

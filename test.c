@@ -22,6 +22,7 @@ static void counting_free(void *p);
 #define STOCHCA_TRAIN_NO_MAIN
 #include "train.c"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -377,6 +378,50 @@ static void test_gelu(stochca_rng *rng)
     check_true("eq7 GELU: exact erf form at x = 1", fabs(c.out[0] - 0.8413447460685429) < 1e-15,
                "GELU(1) = Phi(1)");
     free(c.inp); free(c.out); free(c.r); free(dinp);
+}
+
+/* Error of a float result in units in the last place of the float nearest
+   to the exact value; 0 when both are 0. */
+static double ulp_error(float got, double exact)
+{
+    const float nearest = (float)exact;
+    const double ulp = (double)nextafterf(fabsf(nearest), INFINITY) - fabsf(nearest);
+    return fabs((double)got - exact) / ulp;
+}
+
+/* The float build's exp and erf against libm's double versions on every
+   61st float bit pattern of each sign (70 million arguments), and on
+   infinities and NaN. */
+static void test_float_exp_erf(void)
+{
+    double worst_exp = 0, worst_erf = 0;
+    float at_exp = 0, at_erf = 0;
+    uint32_t bits;
+    int sign, specials;
+    char detail[160];
+    for (bits = 0; bits < 0x7f800000u; bits += 61)
+        for (sign = 0; sign < 2; sign++) {
+            const uint32_t b = bits | (sign ? 0x80000000u : 0);
+            float x;
+            double e;
+            memcpy(&x, &b, sizeof x);
+            if (exp((double)x) < FLT_MAX && (e = ulp_error(stochca__exp_float(x), exp((double)x))) > worst_exp) {
+                worst_exp = e;
+                at_exp = x;
+            }
+            if ((e = ulp_error(stochca__erf_float(x), erf((double)x))) > worst_erf) {
+                worst_erf = e;
+                at_erf = x;
+            }
+        }
+    specials = stochca__exp_float(INFINITY) == INFINITY && stochca__exp_float(-INFINITY) == 0 &&
+               stochca__exp_float(89.0f) == INFINITY && isnan(stochca__exp_float(NAN));
+    snprintf(detail, sizeof detail, "max %.3f ulp at %g; infinities and NaN as libm", worst_exp, at_exp);
+    check_true("exp for the float build", worst_exp < 0.61 && specials, detail);
+    specials = stochca__erf_float(INFINITY) == 1 && stochca__erf_float(-INFINITY) == -1 &&
+               isnan(stochca__erf_float(NAN));
+    snprintf(detail, sizeof detail, "max %.3f ulp at %g; infinities and NaN as libm", worst_erf, at_erf);
+    check_true("erf for the float build (eq7 GELU)", worst_erf < 0.61 && specials, detail);
 }
 
 typedef struct {
@@ -735,7 +780,7 @@ static void test_adamw(stochca_rng *rng)
 
 static void test_matmul_tiles(stochca_rng *rng)
 {
-    enum { M = 9, K = 7, N = 37 };
+    enum { M = 9, K = 300, N = 37 };
     double a[M * K], at[K * M], b[K * N], c[M * N], expected[M * N], worst = 0;
     int transposed, m, n, k;
     char detail[96];
@@ -759,7 +804,8 @@ static void test_matmul_tiles(stochca_rng *rng)
         for (m = 0; m < M * N; m++)
             worst = fmax(worst, fabs(c[m] - expected[m]));
     }
-    snprintf(detail, sizeof detail, "max |error| %.1e over 9x37 outputs, A as stored and transposed", worst);
+    snprintf(detail, sizeof detail, "max |error| %.1e over 9x37 outputs, K = 300 in two blocks, A as stored "
+             "and transposed", worst);
     check_true("matrix multiply tiles and edges", worst < 1e-13, detail);
 }
 
@@ -1899,6 +1945,7 @@ int main(void)
     test_attention(&rng);
     test_attention_large_scores();
     test_gelu(&rng);
+    test_float_exp_erf();
     test_residual(&rng);
     test_crossentropy(&rng);
     test_model_gradients(&rng);

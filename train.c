@@ -1289,6 +1289,7 @@ typedef struct {
     int *indices;           /* (BENCH_POOL_BATCHES * B) cache entry of each image */
     int batch;
     double p;
+    uint64_t seed;
 } bench_state;
 
 /* Runs one step of `kind` on pool batch i. Returns its FLOPs per image, or -1. */
@@ -1328,18 +1329,22 @@ static double bench_step(bench_state *s, bench_case kind, int i)
     return stochca_flops_train_step(c, any ? cross : NULL, any && kind == BENCH_STOCHCA);
 }
 
-/* Times `kind` for at least BENCH_MIN_SECONDS (or `steps` steps) after two
-   warm-up steps. Writes images per second of wall time and of processor
-   time (summed over threads, so less disturbed by other programs), and
-   GFLOP/s of wall time. */
+/* Times `kind` for at least BENCH_MIN_SECONDS (or `steps` steps) after a
+   warm-up step on each pool batch, which also fills the K/V cache. Every
+   case restarts the random cross flags from the same seed, so stochca and
+   stochca-cached draw the same flags. Writes images per second of wall time
+   and of processor time (summed over threads, so less disturbed by other
+   programs), and GFLOP/s of wall time. */
 static int bench_case_run(bench_state *s, bench_case kind, long steps, double *images_per_second,
                           double *images_per_cpu_second, double *gflops)
 {
     double start, elapsed, flops = 0;
     clock_t cpu_start;
     long n;
-    if (bench_step(s, kind, 0) < 0 || bench_step(s, kind, 1) < 0)
-        return 0;
+    for (n = 0; n < BENCH_POOL_BATCHES; n++)
+        if (bench_step(s, kind, (int)n) < 0)
+            return 0;
+    stochca_rng_seed(&s->rng, s->seed);
     cpu_start = clock();
     start = now_seconds();
     for (n = 0; steps > 0 ? n < steps : (n < 5 || now_seconds() - start < BENCH_MIN_SECONDS); n++) {
@@ -1365,6 +1370,7 @@ static int bench_setup(bench_state *s, const options *o)
 
     s->batch = o->batch;
     s->p = o->p;
+    s->seed = (uint64_t)o->seed;
     s->images = (stochca_real *)malloc((size_t)pool * image * sizeof(stochca_real));
     s->labels = (int *)malloc((size_t)pool * sizeof(int));
     s->indices = (int *)malloc((size_t)pool * sizeof(int));
