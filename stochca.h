@@ -1110,10 +1110,13 @@ static void stochca__matmul_pack(stochca_real *panel, const stochca__matmul_args
                                  int k0, int kc)
 {
     int i, k;
-    for (k = 0; k < kc; k++)
-        for (i = 0; i < STOCHCA__TILE_M; i++)
-            panel[k * STOCHCA__TILE_M + i] =
-                i < rows ? g->A[(size_t)(m0 + i) * g->a_row + (size_t)(k0 + k) * g->a_col] : 0;
+    if (rows < STOCHCA__TILE_M)
+        memset(panel, 0, (size_t)kc * STOCHCA__TILE_M * sizeof(stochca_real));
+    for (i = 0; i < rows; i++) {
+        const stochca_real *a = g->A + (size_t)(m0 + i) * g->a_row + (size_t)k0 * g->a_col;
+        for (k = 0; k < kc; k++)
+            panel[k * STOCHCA__TILE_M + i] = a[(size_t)k * g->a_col];
+    }
 }
 
 /* A tile cut by the bottom or right edge of C: the kernel runs on copies
