@@ -2282,6 +2282,7 @@ STOCHCA_API int stochca_checkpoint_save(const stochca_model *m, const stochca_rn
 static int stochca__read_header(FILE *f, const char *path, uint32_t *words, stochca_config *c, stochca_error *err)
 {
     unsigned char header[4 * STOCHCA_CHECKPOINT_HEADER_WORDS];
+    stochca_error config_err;
     int i;
     if (fread(header, 1, sizeof header, f) != sizeof header)
         return stochca__fail(err, STOCHCA_ERR_FORMAT, "checkpoint '%s' is truncated: shorter than its "
@@ -2307,9 +2308,8 @@ static int stochca__read_header(FILE *f, const char *path, uint32_t *words, stoc
     c->heads = (int)words[7];
     c->mlp_dim = (int)words[8];
     c->classes = (int)words[9];
-    if (stochca_config_validate(c, err) != STOCHCA_OK)
-        return stochca__fail(err, STOCHCA_ERR_FORMAT, "checkpoint '%s' is corrupt: %s", path,
-                             err ? err->message : "invalid configuration");
+    if (stochca_config_validate(c, &config_err) != STOCHCA_OK)
+        return stochca__fail(err, STOCHCA_ERR_FORMAT, "checkpoint '%s' is corrupt: %s", path, config_err.message);
     if (words[10] != (uint32_t)stochca__layout_params(c, NULL, NULL))
         return stochca__fail(err, STOCHCA_ERR_FORMAT, "checkpoint '%s' is corrupt: it declares %lu parameters, "
                              "its configuration needs %zu", path, (unsigned long)words[10],

@@ -992,6 +992,10 @@ static void test_checkpoints(stochca_rng *rng)
     check_rejected("checkpoint truncated header rejected", &loaded, bytes, 20, STOCHCA_ERR_FORMAT,
                    "shorter than its 64-byte header");
     memcpy(copy, bytes, size);
+    memset(copy + 4 * 5, 0, 4);  /* header word 5 is D */
+    check_rejected("checkpoint invalid configuration rejected", &loaded, copy, size, STOCHCA_ERR_FORMAT,
+                   "is corrupt: invalid configuration: dim = 0");
+    memcpy(copy, bytes, size);
     memcpy(copy + 64, "\x00\x00\xc0\x7f", 4);  /* a NaN as the first parameter */
     check_rejected("checkpoint NaN value rejected", &loaded, copy, size, STOCHCA_ERR_FORMAT, "not finite");
     free(copy);
