@@ -1615,7 +1615,23 @@ static void test_driver_sweep_flags(void)
     check_command("dg-sweep rejects --ratio", "./train dg-sweep --ratio 0.5", 2,
                   "train: invalid flag '--ratio' for dg-sweep");
     check_command("finetune rejects --seeds", "./train finetune --seeds 2", 2,
-                  "train: --seeds is a flag of tl-sweep and dg-sweep only");
+                  "train: invalid flag '--seeds' for finetune, expected one of: --method");
+    check_command("main job rejects --ratio", "./train --ratio 0.5", 2,
+                  "train: invalid flag '--ratio' for the main job");
+    check_command("bench rejects --method", "./train bench --method ft", 2,
+                  "train: invalid flag '--method' for bench");
+    check_command("pretrain rejects --ratio", "./train pretrain --ratio 0.5", 2,
+                  "train: invalid flag '--ratio' for pretrain");
+    check_command("stray argument rejected", "./train finetune --steps 2 extra", 2,
+                  "train: unexpected argument 'extra', expected a flag such as --steps");
+    check_command("flag with equals sign rejected", "./train finetune --steps=2", 2,
+                  "train: invalid flag '--steps=2': give the value after a space");
+    check_command("stop-after needs save-every", "./train finetune --stop-after 3", 2,
+                  "train: --stop-after needs --save-every");
+    check_command("out in missing folder rejected early", "./train finetune --out no/such/dir/m.bin", 2,
+                  "train: cannot create 'no/such/dir/m.bin.tmp' for --out");
+    check_command("out that is a folder rejected", "./train finetune --out data", 2,
+                  "train: --out 'data' is a folder");
     check_command("flag seeds 0 rejected", "./train tl-sweep --seeds 0", 2,
                   "train: invalid value '0' for --seeds, expected an integer from 1 to 1000");
     check_command("flag eval-every 0 rejected", "./train dg-sweep --eval-every 0", 2,
@@ -1661,6 +1677,10 @@ static void test_driver_resume(void)
     check_command("resume from a file without state rejected",
                   "./train " FT_FLAGS " --resume data/pretrained.bin --out test_c.tmp.bin", 1,
                   "contains no training state; --resume needs a file written with --save-every");
+    check_command("resume past the last step rejected",
+                  "./train finetune --method stochca --p 0.5 --ratio 0.02 --batch 8 --steps 2 --warmup 2 "
+                  "--resume test_b.tmp.bin --out test_c.tmp.bin", 1,
+                  "train: 'test_b.tmp.bin' is at step 6, but this run has only 2 steps");
     remove("test_a.tmp.bin");
     remove("test_b.tmp.bin");
 }

@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>  /* mkdir and stat for the sweeps' --out-dir (POSIX) */
+#include <sys/stat.h>  /* mkdir and stat for --out-dir and --out (POSIX) */
 #include <time.h>
 
 #ifdef _OPENMP
@@ -685,9 +685,22 @@ static int parse_flag(options *o, const char *flag, const char *value)
     return 0;
 }
 
-/* Flags that only the sweeps read, and the flags that each sweep accepts.
-   A sweep sets the method, p, ratio and seed of every run itself. */
-static const char *const sweep_only_flags[] = {"--seeds", "--out-dir", "--eval-every", NULL};
+/* The flags that each command reads. Any other flag is rejected, so that a
+   flag that would be ignored (for example --ratio for the main job, which
+   always uses 15%) never looks as if it had an effect. */
+static const char *const main_job_flags[] = {"--p", "--checkpoint", "--head-lr-scale", "--epochs", "--steps",
+                                             "--batch", "--lr", "--wd", "--warmup", "--seed", "--threads",
+                                             "--data", "--kv-cache-mb", NULL};
+static const char *const finetune_flags[] = {"--method", "--p", "--ratio", "--checkpoint", "--l2sp-alpha",
+                                             "--head-lr-scale", "--epochs", "--steps", "--batch", "--lr", "--wd",
+                                             "--warmup", "--seed", "--threads", "--data", "--out", "--save-every",
+                                             "--resume", "--stop-after", "--kv-cache-mb", NULL};
+static const char *const pretrain_flags[] = {"--dim", "--depth", "--heads", "--mlp", "--patch", "--head-lr-scale",
+                                             "--epochs", "--steps", "--batch", "--lr", "--wd", "--warmup", "--seed",
+                                             "--threads", "--data", "--out", "--save-every", "--resume",
+                                             "--stop-after", NULL};
+static const char *const bench_flags[] = {"--dim", "--depth", "--heads", "--mlp", "--patch", "--batch", "--p",
+                                          "--seed", "--steps", "--threads", "--kv-cache-mb", NULL};
 static const char *const tl_sweep_flags[] = {"--seeds", "--steps", "--out-dir", "--p", "--batch", "--lr", "--wd",
                                              "--warmup", "--l2sp-alpha", "--head-lr-scale", "--checkpoint",
                                              "--data", "--threads", "--kv-cache-mb", NULL};
@@ -703,22 +716,74 @@ static int is_listed(const char *const *list, const char *flag)
     return 0;
 }
 
-/* Returns 0 after printing a message if `command` does not take `flag`. */
+/* Returns the flags of `command`, where "" is the main job. */
+static const char *const *command_flags(const char *command)
+{
+    if (!strcmp(command, "finetune")) return finetune_flags;
+    if (!strcmp(command, "pretrain")) return pretrain_flags;
+    if (!strcmp(command, "bench")) return bench_flags;
+    if (!strcmp(command, "tl-sweep")) return tl_sweep_flags;
+    if (!strcmp(command, "dg-sweep")) return dg_sweep_flags;
+    return main_job_flags;
+}
+
+/* Returns 1 if some command takes `flag`. */
+static int is_known_flag(const char *flag)
+{
+    const char *const commands[6] = {"", "finetune", "pretrain", "bench", "tl-sweep", "dg-sweep"};
+    int i;
+    for (i = 0; i < 6; i++)
+        if (is_listed(command_flags(commands[i]), flag))
+            return 1;
+    return 0;
+}
+
+/* Returns 0 after printing a message if `command` does not take `flag`.
+   Unknown flags pass here, so that parse_flag prints them with the usage. */
 static int check_flag(const char *command, const char *flag)
 {
-    const char *const *accepted = !strcmp(command, "tl-sweep") ? tl_sweep_flags
-                                : !strcmp(command, "dg-sweep") ? dg_sweep_flags : NULL;
-    if (accepted && !is_listed(accepted, flag)) {
-        fprintf(stderr, "train: invalid flag '%s' for %s, expected one of:", flag, command);
+    const char *const *accepted = command_flags(command);
+    if (strncmp(flag, "--", 2) != 0) {
+        fprintf(stderr, "train: unexpected argument '%s', expected a flag such as --steps\n", flag);
+        return 0;
+    }
+    if (strchr(flag, '=')) {
+        fprintf(stderr, "train: invalid flag '%s': give the value after a space, as in --steps 100\n", flag);
+        return 0;
+    }
+    if (is_known_flag(flag) && !is_listed(accepted, flag)) {
+        fprintf(stderr, "train: invalid flag '%s' for %s, expected one of:", flag,
+                *command ? command : "the main job");
         for (; *accepted; accepted++)
             fprintf(stderr, " %s", *accepted);
         fprintf(stderr, "\n");
         return 0;
     }
-    if (!accepted && is_listed(sweep_only_flags, flag)) {
-        fprintf(stderr, "train: %s is a flag of tl-sweep and dg-sweep only\n", flag);
+    return 1;
+}
+
+/* Checks before training that path.tmp, where checkpoints are written
+   first, can be created, so that a long run does not end in a failed save. */
+static int check_writable(const char *path)
+{
+    char tmp[4096];
+    struct stat info;
+    FILE *f;
+    if (stat(path, &info) == 0 && S_ISDIR(info.st_mode)) {
+        fprintf(stderr, "train: --out '%s' is a folder; give a file name such as %s/model.bin\n", path, path);
         return 0;
     }
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
+        fprintf(stderr, "train: --out path is too long (%zu characters)\n", strlen(path));
+        return 0;
+    }
+    f = fopen(tmp, "wb");
+    if (!f) {
+        fprintf(stderr, "train: cannot create '%s' for --out; check that the folder exists and is writable\n", tmp);
+        return 0;
+    }
+    fclose(f);
+    remove(tmp);
     return 1;
 }
 
@@ -732,7 +797,11 @@ static int parse_options(options *o, const char *command, int argc, char **argv)
         fprintf(stderr, "train: --save-every needs --out, the file to save the training state to\n");
         return 0;
     }
-    return 1;
+    if (o->stop_after > 0 && o->save_every == 0) {
+        fprintf(stderr, "train: --stop-after needs --save-every, or there is no saved state to resume from\n");
+        return 0;
+    }
+    return !o->out || check_writable(o->out);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1001,6 +1070,13 @@ static int train_model(stochca_model *m, stochca_model *pretrained, const datase
     stochca_rng_seed(&rng, (uint64_t)o->seed);
     if (o->resume && !resume_state(m, &rng, o->resume))
         return TRAIN_FAILED;
+    /* NOTE: the other flags are not stored in the training state, so only
+       the step count can be checked against the interrupted run. */
+    if (o->resume && m->adam_step >= total) {
+        fprintf(stderr, "train: '%s' is at step %ld, but this run has only %ld steps; give the --steps or "
+                "--epochs of the interrupted run\n", o->resume, m->adam_step, total);
+        return TRAIN_FAILED;
+    }
     if (!alloc_buffers(&buf, d->count, B, d->rows))
         return TRAIN_FAILED;
     cache_ready = uses_stochca(o->method) && open_kv_cache(&cache, &m->config, d->count, B, o->kv_cache_mb);
@@ -1070,6 +1146,8 @@ static int load_split(dataset *d, const char *data_dir, const char *name, const 
     if (load_dataset(d, images, labels, image_size, msg, sizeof msg))
         return 1;
     fprintf(stderr, "train: %s\n", msg);
+    fprintf(stderr, "train: --data names the folder of the IDX files (default data); data/README.md lists "
+            "their sizes and checksums\n");
     return 0;
 }
 
@@ -1248,8 +1326,9 @@ static int cmd_main_job(options o)
         if (run_finetune(&o, &r[i]) != TRAIN_DONE)
             return 0;
     }
-    printf("\nMNIST, %d training images (15%% of the split), %ld epochs, seed %ld, checkpoint %s\n",
-           r[0].train_images, o.epochs, o.seed, o.checkpoint);
+    printf("\nMNIST, %d training images (15%% of the split), %ld %s, seed %ld, checkpoint %s\n",
+           r[0].train_images, o.steps > 0 ? o.steps : o.epochs, o.steps > 0 ? "steps" : "epochs", o.seed,
+           o.checkpoint);
     printf("%-10s %-6s %-14s %s\n", "method", "p", "test accuracy", "time");
     for (i = 0; i < 2; i++)
         printf("%-10s %-6.2f %6.2f%%        %.0f s\n", method_names[methods[i]], uses_stochca(methods[i]) ? o.p : 0.0,
