@@ -1061,11 +1061,12 @@ STOCHCA_API void stochca_patchify(stochca_real *patches, const stochca_real *ima
    C (M,N) += A (M,K) B (K,N). B and C are row-major with row strides ldb
    and ldc. Element (m,k) of A is A[m*a_row + k*a_col], so (a_row, a_col) =
    (lda, 1) reads A as stored and (1, lda) reads it transposed, which gives
-   dW = dout^T x without a copy. The work is cut into tiles of 4 rows by 16
+   dW = dout^T x without a copy. The work is cut into tiles of 8 rows by 16
    columns whose sums stay in local arrays that compilers keep in vector
    registers. Every element of C adds its K products in increasing k,
-   starting from its old value, so the result does not depend on the tiling
-   or on the thread count. */
+   starting from its old value, and every tile, edges included, runs the
+   same kernel, so the result does not depend on the tiling or on the
+   thread count. */
 
 #define STOCHCA__TILE_M 8
 #define STOCHCA__TILE_N 16
