@@ -542,7 +542,7 @@ STOCHCA_API double stochca_rng_normal(stochca_rng *rng);
 #define STOCHCA__NOINLINE
 #endif
 
-/* For a helper that some configurations do not call. */
+/* Marks a helper that some configurations do not call. */
 #if defined(__GNUC__) || defined(__clang__)
 #define STOCHCA__MAYBE_UNUSED __attribute__((unused))
 #else
@@ -1093,19 +1093,35 @@ static void stochca__matmul_kernel(stochca_real *c, size_t ldc, const stochca_re
     stochca_real c4[STOCHCA__TILE_N], c5[STOCHCA__TILE_N], c6[STOCHCA__TILE_N], c7[STOCHCA__TILE_N];
     int n, k;
     for (n = 0; n < STOCHCA__TILE_N; n++) {
-        c0[n] = c[n]; c1[n] = c[ldc + n]; c2[n] = c[2 * ldc + n]; c3[n] = c[3 * ldc + n];
-        c4[n] = c[4 * ldc + n]; c5[n] = c[5 * ldc + n]; c6[n] = c[6 * ldc + n]; c7[n] = c[7 * ldc + n];
+        c0[n] = c[n];
+        c1[n] = c[ldc + n];
+        c2[n] = c[2 * ldc + n];
+        c3[n] = c[3 * ldc + n];
+        c4[n] = c[4 * ldc + n];
+        c5[n] = c[5 * ldc + n];
+        c6[n] = c[6 * ldc + n];
+        c7[n] = c[7 * ldc + n];
     }
     for (k = 0; k < kc; k++, b += ldb, panel += STOCHCA__TILE_M)
         for (n = 0; n < STOCHCA__TILE_N; n++) {
-            c0[n] += panel[0] * b[n]; c1[n] += panel[1] * b[n];
-            c2[n] += panel[2] * b[n]; c3[n] += panel[3] * b[n];
-            c4[n] += panel[4] * b[n]; c5[n] += panel[5] * b[n];
-            c6[n] += panel[6] * b[n]; c7[n] += panel[7] * b[n];
+            c0[n] += panel[0] * b[n];
+            c1[n] += panel[1] * b[n];
+            c2[n] += panel[2] * b[n];
+            c3[n] += panel[3] * b[n];
+            c4[n] += panel[4] * b[n];
+            c5[n] += panel[5] * b[n];
+            c6[n] += panel[6] * b[n];
+            c7[n] += panel[7] * b[n];
         }
     for (n = 0; n < STOCHCA__TILE_N; n++) {
-        c[n] = c0[n]; c[ldc + n] = c1[n]; c[2 * ldc + n] = c2[n]; c[3 * ldc + n] = c3[n];
-        c[4 * ldc + n] = c4[n]; c[5 * ldc + n] = c5[n]; c[6 * ldc + n] = c6[n]; c[7 * ldc + n] = c7[n];
+        c[n] = c0[n];
+        c[ldc + n] = c1[n];
+        c[2 * ldc + n] = c2[n];
+        c[3 * ldc + n] = c3[n];
+        c[4 * ldc + n] = c4[n];
+        c[5 * ldc + n] = c5[n];
+        c[6 * ldc + n] = c6[n];
+        c[7 * ldc + n] = c7[n];
     }
 }
 
@@ -1124,8 +1140,8 @@ static void stochca__matmul_pack(stochca_real *panel, const stochca__matmul_args
     }
 }
 
-/* A tile cut by the bottom or right edge of C: the kernel runs on copies
-   padded with zeros, and only the rows and columns inside C are written back. */
+/* Runs the kernel on a tile cut by the bottom or right edge of C. It works
+   on copies padded with zeros and writes back only the rows and columns inside C. */
 static void stochca__matmul_edge(stochca_real *c, size_t ldc, const stochca_real *panel, const stochca_real *b,
                                  size_t ldb, int kc, int rows, int cols)
 {
@@ -1378,10 +1394,10 @@ static float stochca__clamp_magnitude(float x, float limit)
 }
 
 /* e^y = 2^n e^r with n = round(y / ln 2) and |r| <= ln(2) / 2, where the
-   Taylor polynomial of degree 7 has a relative error below 1e-8. Adding 1.5 * 2^52
-   rounds y / ln 2 to the integer n and leaves n in the low bits of the sum;
-   2^n is then built from its exponent bits. |y| is cut to 104 first:
-   e^-104 rounds to 0 and e^104 to infinity in float. */
+   Taylor polynomial of degree 7 has a relative error below 1e-8. Adding
+   1.5 * 2^52 rounds y / ln 2 to the integer n and leaves n in the low bits
+   of the sum, and 2^n is then built from its exponent bits. |y| is cut to
+   104 first, because e^-104 rounds to 0 and e^104 to infinity in float. */
 static STOCHCA__MAYBE_UNUSED float stochca__exp_float(float y)
 {
     const double round_bias = 6755399441055744.0; /* 1.5 * 2^52 */
@@ -1436,6 +1452,7 @@ static void stochca__softmax_rows(stochca_real *p, int T, stochca_real scale)
         max_score = p[0];
         for (j = 1; j < T; j++)
             if (p[j] > max_score) max_score = p[j];
+        /* Two loops, so that the exp loop vectorizes and the sum keeps its order. */
         for (j = 0; j < T; j++)
             p[j] = STOCHCA__EXP(p[j] - max_score);
         for (j = 0; j < T; j++)

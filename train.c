@@ -716,24 +716,37 @@ static int is_listed(const char *const *list, const char *flag)
     return 0;
 }
 
-/* Returns the flags of `command`, where "" is the main job. */
+/* Each command with its flags; "" is the main job. */
+static const struct {
+    const char *name;
+    const char *const *flags;
+} command_table[] = {
+    {"", main_job_flags},
+    {"finetune", finetune_flags},
+    {"pretrain", pretrain_flags},
+    {"bench", bench_flags},
+    {"tl-sweep", tl_sweep_flags},
+    {"dg-sweep", dg_sweep_flags},
+};
+
+#define NUM_COMMANDS (int)(sizeof command_table / sizeof command_table[0])
+
+/* Returns the flags of `command`, or those of the main job for a name not in the table. */
 static const char *const *command_flags(const char *command)
 {
-    if (!strcmp(command, "finetune")) return finetune_flags;
-    if (!strcmp(command, "pretrain")) return pretrain_flags;
-    if (!strcmp(command, "bench")) return bench_flags;
-    if (!strcmp(command, "tl-sweep")) return tl_sweep_flags;
-    if (!strcmp(command, "dg-sweep")) return dg_sweep_flags;
+    int i;
+    for (i = 0; i < NUM_COMMANDS; i++)
+        if (!strcmp(command, command_table[i].name))
+            return command_table[i].flags;
     return main_job_flags;
 }
 
 /* Returns 1 if some command takes `flag`. */
 static int is_known_flag(const char *flag)
 {
-    const char *const commands[6] = {"", "finetune", "pretrain", "bench", "tl-sweep", "dg-sweep"};
     int i;
-    for (i = 0; i < 6; i++)
-        if (is_listed(command_flags(commands[i]), flag))
+    for (i = 0; i < NUM_COMMANDS; i++)
+        if (is_listed(command_table[i].flags, flag))
             return 1;
     return 0;
 }
